@@ -1,0 +1,51 @@
+"""Ingress: the FastAPI application, fanning requests out to FluxWorker and Scorer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ApplicationStatus
+
+from serve_app.generation import RenderedImage
+from serve_app.http_api import Readiness, create_app
+from serve_app.planning import SamplingJob
+from serve_app.service import GenerationService
+from serve_app.settings import get_settings
+from serve_app.storage import LocalImageStore
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+@serve.ingress()
+class Ingress:
+    """Validates and plans requests, then drives workers, scorer and storage."""
+
+    def __init__(self, worker: DeploymentHandle, scorer: DeploymentHandle) -> None:
+        settings = get_settings()
+        self._worker = worker.options(stream=True)
+        self._scorer = scorer
+        store = LocalImageStore(settings.storage_dir, settings.public_base_url)
+        self.service = GenerationService(settings, self._render, self._score, store)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_app(self.service, self._readiness)
+
+    def _render(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
+        return self._worker.render.remote(jobs)  # type: ignore[no-any-return]
+
+    async def _score(self, prompt: str, images: list[bytes]) -> list[float]:
+        return await self._scorer.score.remote(prompt, images)  # type: ignore[no-any-return]
+
+    async def _readiness(self) -> Readiness:
+        app_name = serve.get_replica_context().app_name
+        status = serve.status().applications[app_name]
+        if status.status == ApplicationStatus.RUNNING:
+            return Readiness(ready=True, detail="ok")
+        waiting = [
+            f"{name}: {deployment.status.value}"
+            for name, deployment in status.deployments.items()
+            if deployment.status.value != "HEALTHY"
+        ]
+        return Readiness(ready=False, detail="; ".join(waiting) or status.status.value)

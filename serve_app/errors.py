@@ -1,0 +1,78 @@
+"""One error envelope for every failure, and the one place that maps exceptions to status codes."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+
+from serve_app.storage import StorageError
+
+logger = logging.getLogger(__name__)
+
+
+class ErrorBody(BaseModel):
+    """What went wrong."""
+
+    type: str = Field(description="Machine-readable kind, e.g. invalid_request.")
+    message: str = Field(description="What went wrong, for people.")
+    param: str | None = Field(None, description="The request field at fault, dotted.")
+
+
+class ErrorEnvelope(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorBody
+
+
+def error_response(status: int, type_: str, message: str, param: str | None = None) -> JSONResponse:
+    """A JSON response carrying the error envelope."""
+    body = ErrorEnvelope(error=ErrorBody(type=type_, message=message, param=param))
+    return JSONResponse(status_code=status, content=body.model_dump())
+
+
+def envelope_for(error: Exception) -> tuple[int, ErrorEnvelope]:
+    """Status code and envelope for an error raised while serving a request."""
+    if isinstance(error, StorageError):
+        body = ErrorBody(type="storage_error", message=f"storing the images failed: {error}")
+        return 503, ErrorEnvelope(error=body)
+    logger.exception("request failed", exc_info=error)
+    body = ErrorBody(type="internal_error", message="image generation failed; see the server log")
+    return 500, ErrorEnvelope(error=body)
+
+
+def _dotted(location: tuple[int | str, ...]) -> str:
+    # FastAPI prefixes the body's fields with "body"; clients know them without it.
+    parts = location[1:] if location and location[0] == "body" else location
+    return ".".join(str(part) for part in parts)
+
+
+async def _validation_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    problems = error.errors()
+    first = problems[0]
+    message = "; ".join(
+        f"{_dotted(problem['loc']) or 'body'}: {problem['msg']}" for problem in problems
+    )
+    return error_response(422, "invalid_request", message, _dotted(first["loc"]) or None)
+
+
+async def _http_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, HTTPException)
+    return error_response(error.status_code, "http_error", str(error.detail))
+
+
+async def _unexpected_error(_: Request, error: Exception) -> JSONResponse:
+    status, envelope = envelope_for(error)
+    return JSONResponse(status_code=status, content=envelope.model_dump())
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception through the envelope."""
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

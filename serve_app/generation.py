@@ -1,0 +1,129 @@
+"""Runs sampling jobs on a FLUX pipeline: one loading path for real weights and the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from serve_app.model_sources import quiet_progress_bars, resolve_source, select_device, select_dtype
+from serve_app.planning import SamplingJob
+from serve_app.samplers import make_scheduler
+from serve_app.schemas import SamplingParams
+from serve_app.settings import ServiceSettings
+from serve_app.tiny_models import TINY_FLUX_NAME
+
+logger = logging.getLogger(__name__)
+
+IMAGE_FORMAT = "png"
+IMAGE_CONTENT_TYPE = "image/png"
+
+
+class RenderedImage(BaseModel):
+    """A finished image of one job, encoded for storage."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job: SamplingJob
+    data: bytes
+
+
+def batches(jobs: list[SamplingJob], max_batch_size: int) -> Iterator[list[SamplingJob]]:
+    """Group jobs that can share a pipeline call, in job order, at most ``max_batch_size`` each."""
+    groups: dict[tuple[object, ...], list[SamplingJob]] = {}
+    for job in jobs:
+        groups.setdefault(job.batch_key(), []).append(job)
+    for group in groups.values():
+        for start in range(0, len(group), max_batch_size):
+            yield group[start : start + max_batch_size]
+
+
+def encode_png(image: Any) -> bytes:
+    """PNG bytes of a PIL image."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=IMAGE_FORMAT)
+    return buffer.getvalue()
+
+
+class FluxGenerator:
+    """A loaded FLUX pipeline that turns batches of sampling jobs into images."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        from diffusers import FluxPipeline
+
+        quiet_progress_bars()
+        self.settings = settings
+        self.device = select_device(settings)
+        self.dtype = select_dtype(settings, self.device)
+        source = resolve_source(settings.model, TINY_FLUX_NAME, settings.cache_dir)
+        logger.info("loading FLUX pipeline from %s on %s as %s", source, self.device, self.dtype)
+        self.pipeline = FluxPipeline.from_pretrained(source, dtype=self.dtype).to(self.device)
+        self.pipeline.set_progress_bar_config(disable=True)
+        self._scheduler_config = dict(self.pipeline.scheduler.config)
+        # Guidance-distilled models (dev) take the scale as an input; schnell needs true CFG.
+        self.guidance_distilled = bool(self.pipeline.transformer.config.guidance_embeds)
+        # One pipeline, one scheduler slot: calls from several threads must take turns.
+        self._lock = threading.Lock()
+        if settings.warmup:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """One small generation, so that the first request does not pay for lazy initialization."""
+        native = self.settings.native
+        side = self.settings.min_size
+        params = SamplingParams(
+            sampler=native.sampler, steps=1, cfg_scale=1.0, seed=0, width=side, height=side
+        )
+        self.render([SamplingJob(index=0, prompt="warm-up", negative_prompt=None, params=params)])
+
+    def pipeline_arguments(self, batch: list[SamplingJob]) -> dict[str, Any]:
+        """The FluxPipeline call that makes exactly the images ``batch`` names."""
+        first = batch[0]
+        params = first.params
+        arguments: dict[str, Any] = {
+            "prompt": [job.prompt for job in batch],
+            "num_inference_steps": params.steps,
+            "width": params.width,
+            "height": params.height,
+            "max_sequence_length": self.settings.native.max_sequence_length,
+            # CPU generators give the same noise on every device, so a seed means the same image.
+            "generator": [torch.Generator("cpu").manual_seed(job.params.seed) for job in batch],
+            "output_type": "pil",
+        }
+        if self.guidance_distilled:
+            arguments["guidance_scale"] = params.cfg_scale
+        elif params.cfg_scale > 1.0:
+            arguments["true_cfg_scale"] = params.cfg_scale
+            arguments["negative_prompt"] = [job.negative_prompt or "" for job in batch]
+        return arguments
+
+    def render(self, batch: list[SamplingJob]) -> list[RenderedImage]:
+        """Make the images of jobs that share a batch key, in one pipeline call."""
+        keys = {job.batch_key() for job in batch}
+        if len(keys) != 1:
+            raise ValueError(f"a batch must share one batch key, got {len(keys)}")
+        arguments = self.pipeline_arguments(batch)
+        with self._lock, torch.inference_mode():
+            self.pipeline.scheduler = make_scheduler(
+                batch[0].params.sampler, self._scheduler_config
+            )
+            images = self.pipeline(**arguments).images
+        return [
+            RenderedImage(job=job, data=encode_png(image))
+            for job, image in zip(batch, images, strict=True)
+        ]
+
+
+async def render_stream(
+    generator: FluxGenerator, jobs: list[SamplingJob]
+) -> AsyncIterator[list[RenderedImage]]:
+    """Yield each batch of ``jobs`` as soon as ``generator`` has made it."""
+    for batch in batches(jobs, generator.settings.max_batch_size):
+        # The pipeline blocks for the whole batch: keep it off the event loop.
+        yield await asyncio.to_thread(generator.render, batch)

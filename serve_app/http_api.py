@@ -1,0 +1,137 @@
+"""The REST API: FastAPI routes over a GenerationService."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from serve_app.errors import ErrorEnvelope, envelope_for, error_response, install_error_handlers
+from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse
+from serve_app.service import GenerationService, build_response
+from serve_app.storage import LocalImageStore
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class Readiness(BaseModel):
+    """Whether the service can take requests, and why not."""
+
+    ready: bool
+    detail: str = Field(description="What is still starting or failing, or 'ok'.")
+
+
+CheckReadiness = Callable[[], Awaitable[Readiness]]
+
+
+def request_id_from(header: str | None) -> str:
+    """The client's X-Request-Id where it is a safe key part, else a fresh one."""
+    if header and _REQUEST_ID.fullmatch(header):
+        return header
+    return uuid.uuid4().hex
+
+
+def server_sent_event(event: str, payload: BaseModel) -> str:
+    """One SSE frame."""
+    return f"event: {event}\ndata: {payload.model_dump_json()}\n\n"
+
+
+async def event_stream(
+    service: GenerationService, request: GenerateRequest, request_id: str, base_url: str
+) -> AsyncIterator[str]:
+    """``image`` events as images are stored, then ``result`` (or ``error``) with the answer."""
+    started = time.perf_counter()
+    images: list[GeneratedImage] = []
+    try:
+        async for image in service.images(request, request_id, base_url):
+            images.append(image)
+            yield server_sent_event("image", image)
+    except Exception as error:  # noqa: BLE001 - headers are sent: the error must go in the stream
+        _, envelope = envelope_for(error)
+        yield server_sent_event("error", envelope)
+        return
+    if request.top_k is None:
+        images.sort(key=lambda image: image.index)
+    yield server_sent_event("result", build_response(request, request_id, images, started))
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    422: {
+        "model": ErrorEnvelope,
+        "description": "The request is invalid; error.param names the field.",
+    },
+    503: {"model": ErrorEnvelope, "description": "Storage failed, or the service is not ready."},
+}
+
+
+def create_app(service: GenerationService, readiness: CheckReadiness) -> FastAPI:
+    """The FastAPI application of the ingress."""
+    app = FastAPI(
+        title="flux-serve",
+        summary="Text to images with FLUX.1, ranked and stored.",
+        version="0.1.0",
+    )
+    install_error_handlers(app)
+
+    @app.post(
+        "/generate",
+        response_model=GenerateResponse,
+        responses={
+            **_ERRORS,
+            200: {
+                "description": "The images; with stream=true, server-sent events instead: "
+                "'image' per stored image, then 'result' with this body (or 'error').",
+                "content": {"text/event-stream": {}},
+            },
+        },
+    )
+    async def generate(
+        body: GenerateRequest,
+        request: Request,
+        x_request_id: Annotated[str | None, Header()] = None,
+    ) -> GenerateResponse | StreamingResponse:
+        """Generate, rank and store images for a prompt."""
+        started = time.perf_counter()
+        request_id = request_id_from(x_request_id)
+        base_url = str(request.base_url)
+        headers = {"X-Request-Id": request_id}
+        if body.stream:
+            return StreamingResponse(
+                event_stream(service, body, request_id, base_url),
+                media_type="text/event-stream",
+                headers={**headers, "Cache-Control": "no-cache"},
+            )
+        response = await service.generate(body, request_id, base_url, started)
+        return JSONResponse(response.model_dump(mode="json"), headers=headers)  # type: ignore[return-value]
+
+    @app.get("/healthz", response_model=Readiness, responses={503: {"model": Readiness}})
+    async def healthz() -> JSONResponse:
+        """Whether every part of the application is up."""
+        state = await readiness()
+        return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
+
+    store = service.store
+    if isinstance(store, LocalImageStore):
+
+        @app.get(
+            f"{store.url_path}/{{key:path}}",
+            response_model=None,
+            responses={200: {"content": {"image/png": {}}, "description": "The image."}},
+        )
+        async def image(key: str) -> FileResponse | JSONResponse:
+            """A stored image."""
+            try:
+                path = store.path(key)
+            except ValueError:
+                return error_response(404, "not_found", f"no image {key!r}")
+            if not path.is_file():
+                return error_response(404, "not_found", f"no image {key!r}")
+            return FileResponse(path, media_type="image/png")
+
+    return app

@@ -1,0 +1,208 @@
+"""The HTTP contract: request and response models of ``POST /generate``.
+
+Compatible with the original service's clients: the same field names and response shape, and an
+explicit ``null`` for any optional field means "use the default". Limits come from the settings, so
+the OpenAPI schema shows the bounds this deployment enforces.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from serve_app.samplers import supported_samplers
+from serve_app.settings import get_settings
+
+_limits = get_settings()
+MAX_SEED = 2**32 - 1
+
+SeedMode = Literal["fixed", "random", "mix"]
+
+
+def _supported_sampler(name: str) -> str:
+    if name not in supported_samplers():
+        raise PydanticCustomError(
+            "unsupported_sampler",
+            "unsupported sampler '{name}'; supported samplers: {supported}",
+            {"name": name, "supported": ", ".join(supported_samplers())},
+        )
+    return name
+
+
+SamplerName = Annotated[str, AfterValidator(_supported_sampler)]
+Steps = Annotated[int, Field(ge=1, le=_limits.max_steps)]
+CfgScale = Annotated[float, Field(ge=1.0, le=_limits.max_cfg_scale)]
+ImageSide = Annotated[int, Field(ge=_limits.min_size, le=_limits.max_size, multiple_of=16)]
+
+
+class _NullMeansDefault(BaseModel):
+    """An explicit ``null`` means the default, as the original service's clients send it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
+
+class Diversity(_NullMeansDefault):
+    """Sampling settings to vary across the images of one request."""
+
+    samplers: list[SamplerName] | None = Field(
+        None,
+        min_length=1,
+        max_length=_limits.max_diversity_values,
+        description=f"Samplers to use. Supported: {', '.join(supported_samplers())}. "
+        "Unset: the model's own sampler.",
+        examples=[["euler", "dpmpp_2m"]],
+    )
+    nof_steps: list[Steps] | None = Field(
+        None,
+        min_length=1,
+        max_length=_limits.max_diversity_values,
+        description="Denoising step counts to use. Unset: the model's own (4 for schnell).",
+        examples=[[2, 4]],
+    )
+    cfg_scales: list[CfgScale] | None = Field(
+        None,
+        min_length=1,
+        max_length=_limits.max_diversity_values,
+        description="Guidance scales to use; 1 means no guidance. For a model without guidance "
+        "embeddings (schnell) a scale above 1 runs true classifier-free guidance against "
+        "negative_prompt, at twice the cost; for a guidance-distilled model (dev) it is the "
+        "guidance scale. Unset: the model's own.",
+        examples=[[1.0, 3.5]],
+    )
+    seeds: SeedMode = Field(
+        "mix",
+        description="'fixed': every image uses base_seed; 'random': a fresh seed per image; "
+        "'mix': a seed derived from base_seed and the image's index, different per image and "
+        "reproducible.",
+        examples=["mix"],
+    )
+
+
+class GenerateRequest(_NullMeansDefault):
+    """A request for images of one prompt."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "a red cat on a blue sofa",
+                    "nof_images": 4,
+                    "diversity": {"samplers": ["euler", "dpmpp_2m"], "nof_steps": [4]},
+                    "top_k": 2,
+                }
+            ]
+        },
+    )
+
+    prompt: Annotated[
+        str,
+        StringConstraints(strip_whitespace=True, min_length=1, max_length=_limits.max_prompt_chars),
+    ] = Field(description="What to draw.", examples=["a red cat"])
+    nof_images: int = Field(
+        16, ge=1, le=_limits.max_images, description="How many images to make.", examples=[16]
+    )
+    gpus: int = Field(
+        1,
+        ge=1,
+        le=_limits.max_gpus_per_request,
+        description="How many FluxWorker replicas may work on this request at once.",
+        examples=[1],
+    )
+    diversity: Diversity = Field(
+        default_factory=Diversity,
+        description="What to vary across images. Unset: the model's native settings.",
+    )
+    stream: bool = Field(
+        False,
+        description="Answer with server-sent events: one per image as soon as it is stored, then "
+        "the full response.",
+    )
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        description="Return only the K best images by score, best first (at most nof_images).",
+        examples=[4],
+    )
+    width: ImageSide | None = Field(
+        None, description="Image width in pixels, a multiple of 16.", examples=[1024]
+    )
+    height: ImageSide | None = Field(
+        None, description="Image height in pixels, a multiple of 16.", examples=[1024]
+    )
+    negative_prompt: str | None = Field(
+        None,
+        max_length=_limits.max_prompt_chars,
+        description="What to steer away from; used where cfg_scale runs true guidance.",
+    )
+    base_seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed of 'fixed' and 'mix' seeding. Unset: 0.",
+        examples=[0],
+    )
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_within_images(cls, top_k: int | None, info: ValidationInfo) -> int | None:
+        nof_images = info.data.get("nof_images")
+        if top_k is not None and nof_images is not None and top_k > nof_images:
+            raise PydanticCustomError(
+                "top_k_too_large",
+                "top_k ({top_k}) must not exceed nof_images ({nof_images})",
+                {"top_k": top_k, "nof_images": nof_images},
+            )
+        return top_k
+
+
+class SamplingParams(BaseModel):
+    """The exact settings that made one image; re-running them reproduces its pixels."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sampler: str = Field(description="Sampler name.")
+    steps: int = Field(description="Denoising steps.")
+    cfg_scale: float = Field(description="Guidance scale (1 = none).")
+    seed: int = Field(description="Seed of the initial noise.")
+    width: int = Field(description="Width in pixels.")
+    height: int = Field(description="Height in pixels.")
+
+
+class GeneratedImage(BaseModel):
+    """One stored image."""
+
+    url: str = Field(description="Where the image can be fetched.")
+    index: int = Field(description="Position of the image's job in the request's plan.")
+    sampling_params: SamplingParams
+    score: float | None = Field(
+        None, description="How well the image matches the prompt (100 x CLIP cosine similarity)."
+    )
+
+
+class GenerateResponse(BaseModel):
+    """All images of a request."""
+
+    request_id: str = Field(description="Identifier of the request; part of every image's key.")
+    prompt: str
+    count: int = Field(description="Number of images returned.")
+    images: list[GeneratedImage]
+    latency_ms: int = Field(description="Time from receiving the request to the answer.")

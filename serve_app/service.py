@@ -1,0 +1,141 @@
+"""The request flow: plan jobs, fan them out to workers, score, keep the best, store, report.
+
+Plain asyncio over two callables, so the same flow runs on Ray Serve handles in production and on
+in-process models in the fast tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from serve_app.generation import IMAGE_CONTENT_TYPE, IMAGE_FORMAT, RenderedImage
+from serve_app.planning import SamplingJob, plan_jobs, shard
+from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse
+from serve_app.settings import ServiceSettings
+from serve_app.storage import ImageStore, image_key
+
+RenderStream = Callable[[list[SamplingJob]], AsyncIterator[list[RenderedImage]]]
+"""Makes the images of some jobs, yielding each batch as soon as it is done."""
+
+ScoreImages = Callable[[str, list[bytes]], Awaitable[list[float]]]
+"""Scores encoded images for a prompt."""
+
+
+@dataclass(frozen=True)
+class _Scored:
+    rendered: RenderedImage
+    score: float
+
+
+class GenerationService:
+    """Turns a validated request into stored, scored images."""
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        render: RenderStream,
+        score: ScoreImages,
+        store: ImageStore,
+    ) -> None:
+        self.settings = settings
+        self._render = render
+        self._score = score
+        self.store = store
+
+    async def images(
+        self, request: GenerateRequest, request_id: str, base_url: str
+    ) -> AsyncIterator[GeneratedImage]:
+        """Yield each image as soon as it is stored; with top_k, only the K best, best first."""
+        jobs = plan_jobs(request, self.settings)
+        if request.top_k is None:
+            async for batch in self._rendered(jobs, request.gpus):
+                for image in await self._store_all(
+                    await self._scored(request.prompt, batch), request_id, base_url
+                ):
+                    yield image
+            return
+        # Rank first, so that only the K images returned are ever stored.
+        ranked: list[_Scored] = []
+        async for batch in self._rendered(jobs, request.gpus):
+            ranked.extend(await self._scored(request.prompt, batch))
+        ranked.sort(key=lambda item: (-item.score, item.rendered.job.index))
+        for image in await self._store_all(ranked[: request.top_k], request_id, base_url):
+            yield image
+
+    async def generate(
+        self, request: GenerateRequest, request_id: str, base_url: str, started: float
+    ) -> GenerateResponse:
+        """The whole response: in job order, or best first with top_k."""
+        images = [image async for image in self.images(request, request_id, base_url)]
+        if request.top_k is None:
+            images.sort(key=lambda image: image.index)
+        return build_response(request, request_id, images, started)
+
+    async def _rendered(
+        self, jobs: list[SamplingJob], gpus: int
+    ) -> AsyncIterator[list[RenderedImage]]:
+        """Batches from up to ``gpus`` concurrent render streams, in order of completion."""
+        queue: asyncio.Queue[list[RenderedImage] | BaseException | None] = asyncio.Queue()
+
+        async def pump(part: list[SamplingJob]) -> None:
+            try:
+                async for batch in self._render(part):
+                    await queue.put(batch)
+            except Exception as error:  # noqa: BLE001 - re-raised by the consumer below
+                await queue.put(error)
+            else:
+                await queue.put(None)
+
+        shards = shard(jobs, gpus)
+        tasks = [asyncio.create_task(pump(part)) for part in shards]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _scored(self, prompt: str, batch: list[RenderedImage]) -> list[_Scored]:
+        scores = await self._score(prompt, [rendered.data for rendered in batch])
+        return [_Scored(rendered, score) for rendered, score in zip(batch, scores, strict=True)]
+
+    async def _store_all(
+        self, items: list[_Scored], request_id: str, base_url: str
+    ) -> list[GeneratedImage]:
+        return list(
+            await asyncio.gather(*(self._store(item, request_id, base_url) for item in items))
+        )
+
+    async def _store(self, item: _Scored, request_id: str, base_url: str) -> GeneratedImage:
+        job = item.rendered.job
+        key = image_key(request_id, job.index, IMAGE_FORMAT)
+        await asyncio.to_thread(self.store.put, key, item.rendered.data, IMAGE_CONTENT_TYPE)
+        return GeneratedImage(
+            url=self.store.url(key, base_url),
+            index=job.index,
+            sampling_params=job.params,
+            score=item.score,
+        )
+
+
+def build_response(
+    request: GenerateRequest, request_id: str, images: list[GeneratedImage], started: float
+) -> GenerateResponse:
+    """The response for ``images``, timed from ``started`` (a ``time.perf_counter()`` value)."""
+    return GenerateResponse(
+        request_id=request_id,
+        prompt=request.prompt,
+        count=len(images),
+        images=images,
+        latency_ms=round((time.perf_counter() - started) * 1000),
+    )

@@ -1,0 +1,104 @@
+"""All settings of the service, in one object read from the environment.
+
+The Serve config (config/serve.yaml, or the RayService manifest) sets them through the
+application's ``runtime_env.env_vars``, so every replica and the app builder see the same values.
+Each variable is the field name in upper case with the ``FLUX_SERVE_`` prefix.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from serve_app.model_profiles import PROFILES, ModelProfile
+
+EMBEDDED_MODEL = "tiny"
+
+
+class ServiceSettings(BaseSettings):
+    """Settings of the whole application, validated once at start."""
+
+    model_config = SettingsConfigDict(env_prefix="FLUX_SERVE_", extra="forbid", frozen=True)
+
+    # Models
+    model: str = Field(
+        EMBEDDED_MODEL,
+        description="FLUX pipeline to serve: 'tiny' (built locally, random weights), a Hugging "
+        "Face hub id such as black-forest-labs/FLUX.1-schnell, or a local folder.",
+    )
+    profile: Literal["schnell", "dev"] = Field(
+        "schnell", description="Native sampling settings of the model (see model_profiles.py)."
+    )
+    scorer_model: str = Field(
+        EMBEDDED_MODEL,
+        description="CLIP-architecture model that ranks images: 'tiny', a hub id "
+        "(openai/clip-vit-large-patch14, yuvalkirstain/PickScore_v1) or a local folder.",
+    )
+    scorer_processor: str | None = Field(
+        None,
+        description="Where the scorer's processor lives when not beside its weights "
+        "(PickScore uses laion/CLIP-ViT-H-14-laion2B-s32B-b79K).",
+    )
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "flux-serve",
+        description="Folder where the tiny models are built on first use.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto' takes CUDA where a GPU is visible, else the CPU."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto' takes bfloat16 on CUDA and float32 on the CPU."
+    )
+    max_batch_size: int = Field(
+        4, ge=1, le=64, description="Most images one pipeline call makes; fit it to GPU memory."
+    )
+    warmup: bool = Field(True, description="Run one small generation when a replica starts.")
+
+    # Storage
+    storage_dir: Path = Field(
+        Path("var/images"), description="Folder of the local image store (the default backend)."
+    )
+    public_base_url: str | None = Field(
+        None,
+        description="Base of image URLs, e.g. https://flux.example.com. Unset: the URL the "
+        "client used to reach the service.",
+    )
+
+    # Request defaults and limits (they appear in the OpenAPI schema)
+    default_width: int = Field(1024, ge=16, multiple_of=16, description="Width when unset.")
+    default_height: int = Field(1024, ge=16, multiple_of=16, description="Height when unset.")
+    min_size: int = Field(64, ge=16, multiple_of=16, description="Smallest width or height.")
+    max_size: int = Field(2048, ge=16, multiple_of=16, description="Largest width or height.")
+    max_images: int = Field(64, ge=1, description="Most images one request may ask for.")
+    max_gpus_per_request: int = Field(
+        8, ge=1, description="Most concurrent FluxWorker calls one request may fan out over."
+    )
+    max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt, in characters.")
+    max_steps: int = Field(64, ge=1, description="Most denoising steps per image.")
+    max_cfg_scale: float = Field(20.0, ge=1.0, description="Largest guidance scale.")
+    max_diversity_values: int = Field(16, ge=1, description="Longest list in each diversity field.")
+
+    @property
+    def native(self) -> ModelProfile:
+        """The model's own sampling settings, used where a request leaves diversity out."""
+        return PROFILES[self.profile]
+
+    @model_validator(mode="after")
+    def _consistent_sizes(self) -> ServiceSettings:
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size {self.min_size} exceeds max_size {self.max_size}")
+        for name in ("default_width", "default_height"):
+            value = getattr(self, name)
+            if not self.min_size <= value <= self.max_size:
+                raise ValueError(f"{name} {value} is outside [{self.min_size}, {self.max_size}]")
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> ServiceSettings:
+    """The process's settings, read from the environment once."""
+    return ServiceSettings()

@@ -1,0 +1,95 @@
+"""The parameters named for an image are exactly the ones that made it."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from serve_app.generation import FluxGenerator, batches
+from serve_app.planning import SamplingJob
+from serve_app.samplers import supported_samplers
+from serve_app.schemas import SamplingParams
+
+from .images import mean_abs_difference
+
+BASE = SamplingParams(sampler="euler", steps=4, cfg_scale=1.0, seed=11, width=128, height=128)
+
+
+def job(index: int = 0, negative_prompt: str | None = None, **changes: object) -> SamplingJob:
+    return SamplingJob(
+        index=index,
+        prompt="a red cat",
+        negative_prompt=negative_prompt,
+        params=BASE.model_copy(update=changes),
+    )
+
+
+def render_one(generator: FluxGenerator, sampling_job: SamplingJob) -> bytes:
+    (image,) = generator.render([sampling_job])
+    return image.data
+
+
+def test_rerunning_an_images_parameters_reproduces_its_pixels(generator: FluxGenerator) -> None:
+    assert render_one(generator, job()) == render_one(generator, job())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param({"seed": 12}, id="seed"),
+        pytest.param({"steps": 2}, id="steps"),
+        pytest.param({"sampler": "dpmpp_2m"}, id="sampler"),
+        pytest.param({"cfg_scale": 3.5}, id="cfg_scale"),
+    ],
+)
+def test_changing_one_parameter_changes_the_pixels(
+    generator: FluxGenerator, change: dict[str, object]
+) -> None:
+    assert (
+        mean_abs_difference(render_one(generator, job()), render_one(generator, job(**change)))
+        > 0.5
+    )
+
+
+def test_cfg_above_one_runs_true_guidance_against_the_negative_prompt(
+    generator: FluxGenerator,
+) -> None:
+    assert generator.guidance_distilled is False  # schnell-like: no guidance embedding
+    guided = job(cfg_scale=3.0)
+    arguments = generator.pipeline_arguments([guided])
+    assert arguments["true_cfg_scale"] == 3.0
+    assert arguments["negative_prompt"] == [""]
+    with_negative = render_one(generator, job(cfg_scale=3.0, negative_prompt="a dog"))
+    assert mean_abs_difference(render_one(generator, guided), with_negative) > 0.5
+    # Without guidance the negative prompt is not used at all.
+    assert render_one(generator, job(negative_prompt="a dog")) == render_one(generator, job())
+
+
+@pytest.mark.parametrize("sampler", supported_samplers())
+def test_every_sampler_makes_an_image_of_the_requested_size(
+    generator: FluxGenerator, sampler: str
+) -> None:
+    data = render_one(generator, job(sampler=sampler, width=192, height=128))
+    image = Image.open(io.BytesIO(data))
+    assert (image.format, image.size) == ("PNG", (192, 128))
+
+
+def test_an_image_made_in_a_batch_matches_it_made_alone(generator: FluxGenerator) -> None:
+    batch = [job(index=i, seed=100 + i) for i in range(3)]
+    together = generator.render(batch)
+    for sampling_job, rendered in zip(batch, together, strict=True):
+        assert rendered.job == sampling_job
+        assert mean_abs_difference(rendered.data, render_one(generator, sampling_job)) <= 1.0
+
+
+def test_jobs_are_batched_only_with_equal_parameters() -> None:
+    jobs = [job(index=0), job(index=1, steps=2), job(index=2, seed=5), job(index=3), job(index=4)]
+    grouped = [[j.index for j in group] for group in batches(jobs, max_batch_size=2)]
+    assert grouped == [[0, 2], [3, 4], [1]]
+
+
+def test_a_mixed_batch_is_refused(generator: FluxGenerator) -> None:
+    with pytest.raises(ValueError, match="batch key"):
+        generator.render([job(), job(steps=2)])
