@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,3 +76,85 @@ def client(service: GenerationService) -> Iterator[TestClient]:
 
     with TestClient(create_app(service, ready)) as test_client:
         yield test_client
+
+
+@dataclass(frozen=True)
+class ServeCluster:
+    """A Ray cluster owned by the test session, running config/serve.yaml's application."""
+
+    url: str
+    storage_dir: Path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def serve_config_for_tests(http_port: int, storage_dir: Path) -> dict[str, Any]:
+    """config/serve.yaml as shipped, with a free port and the test session's folders."""
+    config = yaml.safe_load((ROOT / "config" / "serve.yaml").read_text())
+    config["http_options"]["port"] = http_port
+    env_vars = config["applications"][0]["runtime_env"]["env_vars"]
+    env_vars["FLUX_SERVE_STORAGE_DIR"] = str(storage_dir)
+    env_vars["FLUX_SERVE_CACHE_DIR"] = os.environ["FLUX_SERVE_CACHE_DIR"]
+    return config  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def serve_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeCluster]:
+    """One Ray instance for the whole session, with two logical GPUs, serving config/serve.yaml.
+
+    The application is deployed with the real ``serve run`` command against this cluster.
+    """
+    import ray
+    from ray import serve
+
+    from serve_app.cli import build_tiny_models
+
+    # Build once here rather than racing in several replicas.
+    build_tiny_models(get_settings().cache_dir)
+    work = tmp_path_factory.mktemp("serve")
+    port = free_port()
+    config_path = work / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(serve_config_for_tests(port, work / "images")))
+    # Logical CPUs beyond the two real ones let every replica schedule; GPUs are logical too.
+    context = ray.init(
+        address="local", num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False
+    )
+    try:
+        subprocess.run(
+            [
+                str(Path(sys.executable).with_name("serve")),
+                "run",
+                "--non-blocking",
+                "--address",
+                context.address_info["gcs_address"],
+                str(config_path),
+            ],
+            cwd=ROOT,
+            check=True,
+            timeout=120,
+        )
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(url, timeout_s=240)
+        yield ServeCluster(url=url, storage_dir=work / "images")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def wait_until_ready(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/healthz", timeout=5)
+            if response.status_code == 200:
+                return
+            last = response.text
+        except httpx.HTTPError as error:
+            last = repr(error)
+        time.sleep(1)
+    raise TimeoutError(f"the application at {url} did not become ready: {last}")

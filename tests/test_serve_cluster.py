@@ -1,0 +1,133 @@
+"""The application on a real Ray Serve instance, deployed from config/serve.yaml, over HTTP."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import httpx
+import pytest
+from PIL import Image
+
+from .conftest import ServeCluster
+from .sse import parse_events
+from .test_schemas import ORIGINAL_CLIENT
+
+pytestmark = pytest.mark.ray
+
+
+def post(cluster: ServeCluster, payload: dict[str, object]) -> httpx.Response:
+    return httpx.post(f"{cluster.url}/generate", json=payload, timeout=120)
+
+
+def test_the_readme_curl_gives_16_urls_that_open_as_images(serve_cluster: ServeCluster) -> None:
+    response = post(serve_cluster, {"prompt": "a red cat"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["count"] == 16
+    for image in body["images"]:
+        assert image["url"].startswith(serve_cluster.url + "/images/")
+        fetched = httpx.get(image["url"], timeout=30)
+        assert fetched.status_code == 200
+        picture = Image.open(io.BytesIO(fetched.content))
+        assert picture.size == (256, 256)  # config/serve.yaml's default size
+        assert (image["sampling_params"]["sampler"], image["sampling_params"]["steps"]) == (
+            "euler",
+            4,
+        )
+        assert isinstance(image["score"], float)
+
+
+def test_the_original_clients_request_is_refused_only_for_ddim(serve_cluster: ServeCluster) -> None:
+    refused = post(serve_cluster, ORIGINAL_CLIENT)
+    assert refused.status_code == 422
+    error = refused.json()["error"]
+    assert error["param"] == "diversity.samplers.1"
+    assert "'ddim'" in error["message"]
+
+    diversity = {**ORIGINAL_CLIENT["diversity"], "samplers": ["euler", "dpmpp_2m"]}  # type: ignore[dict-item]
+    small = {**ORIGINAL_CLIENT, "diversity": diversity, "width": 64, "height": 64}
+    response = post(serve_cluster, small)
+    assert response.status_code == 200, response.text
+    images = response.json()["images"]
+    assert len(images) == 4
+    # 2 x 3 x 3 = 18 combinations spread over 4 images: combinations 0, 4, 9 and 13.
+    made = [
+        (
+            i["sampling_params"]["sampler"],
+            i["sampling_params"]["steps"],
+            i["sampling_params"]["cfg_scale"],
+        )
+        for i in images
+    ]
+    assert made == [
+        ("euler", 10, 3.5),
+        ("euler", 20, 5.0),
+        ("dpmpp_2m", 10, 3.5),
+        ("dpmpp_2m", 20, 5.0),
+    ]
+    assert len({i["sampling_params"]["seed"] for i in images}) == 4
+
+
+def test_streaming_through_the_proxy(serve_cluster: ServeCluster) -> None:
+    payload = {"prompt": "a red cat", "nof_images": 6, "stream": True, "gpus": 2}
+    with httpx.stream(
+        "POST", f"{serve_cluster.url}/generate", json=payload, timeout=120
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = parse_events(response.iter_lines())
+    assert Counter(name for name, _ in events) == {"image": 6, "result": 1}
+    assert events[-1][0] == "result"
+    assert sorted(data["index"] for name, data in events if name == "image") == list(range(6))
+
+
+def test_top_k_through_the_cluster_stores_only_k(serve_cluster: ServeCluster) -> None:
+    response = post(
+        serve_cluster,
+        {"prompt": "a red cat", "nof_images": 5, "top_k": 2, "width": 64, "height": 64},
+    )
+    body = response.json()
+    scores = [image["score"] for image in body["images"]]
+    assert len(scores) == 2
+    assert scores == sorted(scores, reverse=True)
+    assert len(list((serve_cluster.storage_dir / body["request_id"]).iterdir())) == 2
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        pytest.param({"prompt": "x", "top_k": 3, "nof_images": 2}, "top_k", id="top-k"),
+        pytest.param({"prompt": "x", "width": 1000}, "width", id="width"),
+        pytest.param({"nof_images": 2}, "prompt", id="no-prompt"),
+    ],
+)
+def test_bad_input_is_a_422_naming_the_field(
+    serve_cluster: ServeCluster, payload: dict[str, object], param: str
+) -> None:
+    response = post(serve_cluster, payload)
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == param
+
+
+def test_each_gpu_worker_replica_sees_its_own_gpu(serve_cluster: ServeCluster) -> None:  # noqa: ARG001
+    from ray import serve
+
+    from deployments.flux_worker import FluxWorker
+
+    worker = FluxWorker.options(
+        num_replicas=2, ray_actor_options={"num_gpus": 1, "num_cpus": 0.25}
+    ).bind()
+    handle = serve.run(worker, name="placement", route_prefix=None)
+    try:
+        seen: dict[str, str] = {}
+        for _ in range(50):
+            for placement in [handle.placement.remote() for _ in range(4)]:
+                result = placement.result(timeout_s=60)
+                seen[result["replica"]] = result["cuda_visible_devices"]
+            if len(seen) == 2:
+                break
+        assert len(seen) == 2
+        assert sorted(seen.values()) == ["0", "1"]
+    finally:
+        serve.delete("placement")
