@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
+from serve_app.auth import AuthenticationError
 from serve_app.storage import StorageError
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,12 @@ def error_response(status: int, type_: str, message: str, param: str | None = No
     """A JSON response carrying the error envelope."""
     body = ErrorEnvelope(error=ErrorBody(type=type_, message=message, param=param))
     return JSONResponse(status_code=status, content=body.model_dump())
+
+
+async def _authentication_error(_: Request, error: Exception) -> JSONResponse:
+    response = error_response(401, "authentication_error", str(error))
+    response.headers["WWW-Authenticate"] = 'Bearer realm="flux-serve"'
+    return response
 
 
 def envelope_for(error: Exception) -> tuple[int, ErrorEnvelope]:
@@ -73,6 +80,7 @@ async def _unexpected_error(_: Request, error: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Route every exception through the envelope."""
+    app.add_exception_handler(AuthenticationError, _authentication_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)

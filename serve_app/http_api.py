@@ -8,10 +8,11 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
+from serve_app.auth import api_key_guard
 from serve_app.errors import ErrorEnvelope, envelope_for, error_response, install_error_handlers
 from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse
 from serve_app.service import GenerationService, build_response
@@ -62,6 +63,7 @@ async def event_stream(
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorEnvelope, "description": "API keys are on and none valid was sent."},
     422: {
         "model": ErrorEnvelope,
         "description": "The request is invalid; error.param names the field.",
@@ -78,9 +80,11 @@ def create_app(service: GenerationService, readiness: CheckReadiness) -> FastAPI
         version="0.1.0",
     )
     install_error_handlers(app)
+    authenticated = [Depends(api_key_guard(service.settings.api_keys))]
 
     @app.post(
         "/generate",
+        dependencies=authenticated,
         response_model=GenerateResponse,
         responses={
             **_ERRORS,

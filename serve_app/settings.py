@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from serve_app.model_profiles import PROFILES, ModelProfile
 
@@ -58,6 +58,13 @@ class ServiceSettings(BaseSettings):
     )
     warmup: bool = Field(True, description="Run one small generation when a replica starts.")
 
+    # Access
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated API keys; requests must send one as a Bearer token. "
+        "Empty: no authentication (the local default).",
+    )
+
     # Storage
     storage_dir: Path = Field(
         Path("var/images"), description="Folder of the local image store (the default backend)."
@@ -86,6 +93,13 @@ class ServiceSettings(BaseSettings):
     def native(self) -> ModelProfile:
         """The model's own sampling settings, used where a request leaves diversity out."""
         return PROFILES[self.profile]
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
 
     @model_validator(mode="after")
     def _consistent_sizes(self) -> ServiceSettings:

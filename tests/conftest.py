@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from serve_app.planning import SamplingJob  # noqa: E402
 from serve_app.scoring import ClipScorer  # noqa: E402
 from serve_app.service import GenerationService  # noqa: E402
 from serve_app.settings import ServiceSettings, get_settings  # noqa: E402
-from serve_app.storage import LocalImageStore  # noqa: E402
+from serve_app.storage import ImageStore, LocalImageStore  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -54,11 +54,13 @@ def store(tmp_path: Path) -> LocalImageStore:
     return LocalImageStore(tmp_path / "images", public_base_url=None)
 
 
-@pytest.fixture
-def service(
-    settings: ServiceSettings, generator: FluxGenerator, scorer: ClipScorer, store: LocalImageStore
-) -> GenerationService:
-    """The request flow on in-process models: the same classes the deployments wrap."""
+MakeService = Callable[[ServiceSettings, ImageStore], GenerationService]
+
+
+@pytest.fixture(scope="session")
+def make_service(generator: FluxGenerator, scorer: ClipScorer) -> MakeService:
+    """The request flow on in-process models (the classes the deployments wrap), for any settings
+    and store."""
 
     def render(jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
         return render_stream(generator, jobs)
@@ -66,7 +68,17 @@ def service(
     async def score(prompt: str, images: list[bytes]) -> list[float]:
         return scorer.score(prompt, images)
 
-    return GenerationService(settings, render, score, store)
+    def make(settings: ServiceSettings, store: ImageStore) -> GenerationService:
+        return GenerationService(settings, render, score, store)
+
+    return make
+
+
+@pytest.fixture
+def service(
+    settings: ServiceSettings, make_service: MakeService, store: LocalImageStore
+) -> GenerationService:
+    return make_service(settings, store)
 
 
 @pytest.fixture
