@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -14,7 +16,9 @@ from serve_app.http_api import Readiness, create_app
 from serve_app.planning import SamplingJob
 from serve_app.service import GenerationService
 from serve_app.settings import get_settings
-from serve_app.storage import LocalImageStore
+from serve_app.storage import StorageError, make_store
+
+logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
@@ -26,7 +30,12 @@ class Ingress:
         settings = get_settings()
         self._worker = worker.options(stream=True)
         self._scorer = scorer
-        store = LocalImageStore(settings.storage_dir, settings.public_base_url)
+        store = make_store(settings)
+        try:
+            store.check()
+        except StorageError as error:
+            # Stay up so that /healthz can say what is wrong; requests fail with a 503.
+            logger.error("storage is not usable: %s", error)
         self.service = GenerationService(settings, self._render, self._score, store)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -40,7 +49,7 @@ class Ingress:
 
     async def _readiness(self) -> Readiness:
         app_name = serve.get_replica_context().app_name
-        status = serve.status().applications[app_name]
+        status = (await asyncio.to_thread(serve.status)).applications[app_name]
         if status.status == ApplicationStatus.RUNNING:
             return Readiness(ready=True, detail="ok")
         waiting = [

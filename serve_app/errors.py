@@ -73,7 +73,7 @@ async def _http_error(_: Request, error: Exception) -> JSONResponse:
     return error_response(error.status_code, "http_error", str(error.detail))
 
 
-async def _unexpected_error(_: Request, error: Exception) -> JSONResponse:
+async def _mapped_error(_: Request, error: Exception) -> JSONResponse:
     status, envelope = envelope_for(error)
     return JSONResponse(status_code=status, content=envelope.model_dump())
 
@@ -83,4 +83,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AuthenticationError, _authentication_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected_error)
+    # Known failures get their own handler: the catch-all below would also re-raise them.
+    app.add_exception_handler(StorageError, _mapped_error)
+    app.add_exception_handler(Exception, _mapped_error)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from serve_app.image_codec import encode
 from serve_app.model_sources import quiet_progress_bars, resolve_source, select_device, select_dtype
 from serve_app.planning import SamplingJob
 from serve_app.samplers import make_scheduler
@@ -20,9 +20,6 @@ from serve_app.settings import ServiceSettings
 from serve_app.tiny_models import TINY_FLUX_NAME
 
 logger = logging.getLogger(__name__)
-
-IMAGE_FORMAT = "png"
-IMAGE_CONTENT_TYPE = "image/png"
 
 
 class RenderedImage(BaseModel):
@@ -42,13 +39,6 @@ def batches(jobs: list[SamplingJob], max_batch_size: int) -> Iterator[list[Sampl
     for group in groups.values():
         for start in range(0, len(group), max_batch_size):
             yield group[start : start + max_batch_size]
-
-
-def encode_png(image: Any) -> bytes:
-    """PNG bytes of a PIL image."""
-    buffer = io.BytesIO()
-    image.save(buffer, format=IMAGE_FORMAT)
-    return buffer.getvalue()
 
 
 class FluxGenerator:
@@ -115,7 +105,9 @@ class FluxGenerator:
             )
             images = self.pipeline(**arguments).images
         return [
-            RenderedImage(job=job, data=encode_png(image))
+            RenderedImage(
+                job=job, data=encode(image, job.image_format, self.settings.image_quality)
+            )
             for job, image in zip(batch, images, strict=True)
         ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -14,9 +15,10 @@ from pydantic import BaseModel, Field
 
 from serve_app.auth import api_key_guard
 from serve_app.errors import ErrorEnvelope, envelope_for, error_response, install_error_handlers
+from serve_app.image_codec import content_type
 from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse
 from serve_app.service import GenerationService, build_response
-from serve_app.storage import LocalImageStore
+from serve_app.storage import LocalImageStore, StorageError
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -116,8 +118,13 @@ def create_app(service: GenerationService, readiness: CheckReadiness) -> FastAPI
 
     @app.get("/healthz", response_model=Readiness, responses={503: {"model": Readiness}})
     async def healthz() -> JSONResponse:
-        """Whether every part of the application is up."""
-        state = await readiness()
+        """Whether every part of the application is up, storage included."""
+        try:
+            await asyncio.to_thread(service.store.check)
+        except StorageError as error:
+            state = Readiness(ready=False, detail=f"storage: {error}")
+        else:
+            state = await readiness()
         return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
 
     store = service.store
@@ -126,7 +133,7 @@ def create_app(service: GenerationService, readiness: CheckReadiness) -> FastAPI
         @app.get(
             f"{store.url_path}/{{key:path}}",
             response_model=None,
-            responses={200: {"content": {"image/png": {}}, "description": "The image."}},
+            responses={200: {"content": {"image/*": {}}, "description": "The image."}},
         )
         async def image(key: str) -> FileResponse | JSONResponse:
             """A stored image."""
@@ -136,6 +143,6 @@ def create_app(service: GenerationService, readiness: CheckReadiness) -> FastAPI
                 return error_response(404, "not_found", f"no image {key!r}")
             if not path.is_file():
                 return error_response(404, "not_found", f"no image {key!r}")
-            return FileResponse(path, media_type="image/png")
+            return FileResponse(path, media_type=content_type(path.suffix.lstrip(".")))
 
     return app

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 
 from serve_app.model_profiles import ModelProfile
 from serve_app.schemas import MAX_SEED, GenerateRequest, SamplingParams, SeedMode
-from serve_app.settings import ServiceSettings
+from serve_app.settings import ImageFormat, ServiceSettings
 
 
 class SamplingJob(BaseModel):
@@ -22,6 +22,7 @@ class SamplingJob(BaseModel):
     prompt: str
     negative_prompt: str | None
     params: SamplingParams
+    image_format: ImageFormat = "png"
 
     def batch_key(self) -> tuple[object, ...]:
         """Jobs with equal keys can share one pipeline call (only their seeds differ)."""
@@ -34,6 +35,7 @@ class SamplingJob(BaseModel):
             p.cfg_scale,
             p.width,
             p.height,
+            self.image_format,
         )
 
 
@@ -93,6 +95,7 @@ def plan_jobs(request: GenerateRequest, settings: ServiceSettings) -> list[Sampl
                 prompt=request.prompt,
                 negative_prompt=request.negative_prompt,
                 params=params,
+                image_format=settings.image_format,
             )
         )
     return jobs

@@ -7,21 +7,35 @@ in-process models in the fast tests.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from serve_app.generation import IMAGE_CONTENT_TYPE, IMAGE_FORMAT, RenderedImage
+from serve_app.generation import RenderedImage
+from serve_app.image_codec import content_type
 from serve_app.planning import SamplingJob, plan_jobs, shard
 from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse
 from serve_app.settings import ServiceSettings
-from serve_app.storage import ImageStore, image_key
+from serve_app.storage import ImageStore, StorageError, image_key
+
+logger = logging.getLogger(__name__)
 
 RenderStream = Callable[[list[SamplingJob]], AsyncIterator[list[RenderedImage]]]
 """Makes the images of some jobs, yielding each batch as soon as it is done."""
 
 ScoreImages = Callable[[str, list[bytes]], Awaitable[list[float]]]
 """Scores encoded images for a prompt."""
+
+
+@dataclass(frozen=True)
+class _Destination:
+    """Where a request's images go: under its id, with a per-request nonce."""
+
+    request_id: str
+    attempt: str
+    base_url: str
 
 
 @dataclass(frozen=True)
@@ -50,11 +64,11 @@ class GenerationService:
     ) -> AsyncIterator[GeneratedImage]:
         """Yield each image as soon as it is stored; with top_k, only the K best, best first."""
         jobs = plan_jobs(request, self.settings)
+        destination = _Destination(request_id, uuid.uuid4().hex[:12], base_url)
         if request.top_k is None:
             async for batch in self._rendered(jobs, request.gpus):
-                for image in await self._store_all(
-                    await self._scored(request.prompt, batch), request_id, base_url
-                ):
+                scored = await self._scored(request.prompt, batch)
+                for image in await self._store_all(scored, destination):
                     yield image
             return
         # Rank first, so that only the K images returned are ever stored.
@@ -62,7 +76,7 @@ class GenerationService:
         async for batch in self._rendered(jobs, request.gpus):
             ranked.extend(await self._scored(request.prompt, batch))
         ranked.sort(key=lambda item: (-item.score, item.rendered.job.index))
-        for image in await self._store_all(ranked[: request.top_k], request_id, base_url):
+        for image in await self._store_all(ranked[: request.top_k], destination):
             yield image
 
     async def generate(
@@ -110,18 +124,37 @@ class GenerationService:
         return [_Scored(rendered, score) for rendered, score in zip(batch, scores, strict=True)]
 
     async def _store_all(
-        self, items: list[_Scored], request_id: str, base_url: str
+        self, items: list[_Scored], destination: _Destination
     ) -> list[GeneratedImage]:
-        return list(
-            await asyncio.gather(*(self._store(item, request_id, base_url) for item in items))
+        """Store concurrently, off the event loop; fail if any image could not be stored."""
+        results = await asyncio.gather(
+            *(self._store(item, destination) for item in items), return_exceptions=True
         )
+        failures = [
+            (item, result)
+            for item, result in zip(items, results, strict=True)
+            if isinstance(result, BaseException)
+        ]
+        for item, failure in failures:
+            logger.error(
+                "image %d of request %s was not stored: %s",
+                item.rendered.job.index,
+                destination.request_id,
+                failure,
+            )
+        if failures:
+            raise StorageError(
+                f"{len(failures)} of {len(items)} images could not be stored: {failures[0][1]}"
+            )
+        return [result for result in results if isinstance(result, GeneratedImage)]
 
-    async def _store(self, item: _Scored, request_id: str, base_url: str) -> GeneratedImage:
+    async def _store(self, item: _Scored, destination: _Destination) -> GeneratedImage:
         job = item.rendered.job
-        key = image_key(request_id, job.index, IMAGE_FORMAT)
-        await asyncio.to_thread(self.store.put, key, item.rendered.data, IMAGE_CONTENT_TYPE)
+        extension = job.image_format
+        key = image_key(destination.request_id, destination.attempt, job.index, extension)
+        await asyncio.to_thread(self.store.put, key, item.rendered.data, content_type(extension))
         return GeneratedImage(
-            url=self.store.url(key, base_url),
+            url=self.store.url(key, destination.base_url),
             index=job.index,
             sampling_params=job.params,
             score=item.score,

@@ -18,6 +18,8 @@ from serve_app.model_profiles import PROFILES, ModelProfile
 
 EMBEDDED_MODEL = "tiny"
 
+ImageFormat = Literal["png", "jpeg", "webp"]
+
 
 class ServiceSettings(BaseSettings):
     """Settings of the whole application, validated once at start."""
@@ -66,13 +68,43 @@ class ServiceSettings(BaseSettings):
     )
 
     # Storage
+    storage_backend: Literal["local", "s3"] = Field(
+        "local", description="'local': a folder the ingress serves; 's3': an S3 bucket."
+    )
+    image_format: ImageFormat = Field("png", description="Format of the stored images.")
+    image_quality: int = Field(95, ge=1, le=100, description="Quality of JPEG and WebP images.")
     storage_dir: Path = Field(
         Path("var/images"), description="Folder of the local image store (the default backend)."
     )
     public_base_url: str | None = Field(
         None,
-        description="Base of image URLs, e.g. https://flux.example.com. Unset: the URL the "
-        "client used to reach the service.",
+        description="Base of image URLs, e.g. https://cdn.example.com. Unset: the URL the "
+        "client used to reach the service (local), or the bucket's own URL (s3 public mode).",
+    )
+    s3_bucket: str | None = Field(None, description="Bucket of the s3 backend.")
+    s3_prefix: str = Field("", description="Prefix of every object key, e.g. 'images/'.")
+    s3_region: str | None = Field(None, description="Region; unset: boto3's standard chain.")
+    s3_endpoint_url: str | None = Field(
+        None, description="Endpoint of an S3-compatible store (MinIO, SeaweedFS, R2, ...)."
+    )
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="Bucket in the host name (virtual) or in the path (path)."
+    )
+    s3_url_mode: Literal["presigned", "public"] = Field(
+        "presigned",
+        description="'presigned': signed GET URLs that expire; 'public': plain URLs under "
+        "public_base_url (a public bucket or a CDN).",
+    )
+    s3_presign_expires_s: int = Field(
+        3600, ge=1, le=604800, description="Lifetime of presigned URLs, in seconds."
+    )
+    s3_max_attempts: int = Field(
+        5, ge=1, le=20, description="Attempts per S3 call (botocore's standard retry mode)."
+    )
+    s3_conditional_writes: bool = Field(
+        True,
+        description="Refuse to overwrite an existing object (If-None-Match); turn off for "
+        "stores that do not support conditional writes.",
     )
 
     # Request defaults and limits (they appear in the OpenAPI schema)
@@ -100,6 +132,12 @@ class ServiceSettings(BaseSettings):
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _s3_has_a_bucket(self) -> ServiceSettings:
+        if self.storage_backend == "s3" and not self.s3_bucket:
+            raise ValueError("storage_backend 's3' needs s3_bucket (FLUX_SERVE_S3_BUCKET)")
+        return self
 
     @model_validator(mode="after")
     def _consistent_sizes(self) -> ServiceSettings:

@@ -7,10 +7,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import pytest
@@ -29,7 +29,7 @@ from serve_app.generation import FluxGenerator, RenderedImage, render_stream  # 
 from serve_app.http_api import Readiness, create_app  # noqa: E402
 from serve_app.planning import SamplingJob  # noqa: E402
 from serve_app.scoring import ClipScorer  # noqa: E402
-from serve_app.service import GenerationService  # noqa: E402
+from serve_app.service import GenerationService, RenderStream  # noqa: E402
 from serve_app.settings import ServiceSettings, get_settings  # noqa: E402
 from serve_app.storage import ImageStore, LocalImageStore  # noqa: E402
 
@@ -54,7 +54,10 @@ def store(tmp_path: Path) -> LocalImageStore:
     return LocalImageStore(tmp_path / "images", public_base_url=None)
 
 
-MakeService = Callable[[ServiceSettings, ImageStore], GenerationService]
+class MakeService(Protocol):
+    def __call__(
+        self, settings: ServiceSettings, store: ImageStore, render_with: RenderStream | None = None
+    ) -> GenerationService: ...
 
 
 @pytest.fixture(scope="session")
@@ -68,8 +71,10 @@ def make_service(generator: FluxGenerator, scorer: ClipScorer) -> MakeService:
     async def score(prompt: str, images: list[bytes]) -> list[float]:
         return scorer.score(prompt, images)
 
-    def make(settings: ServiceSettings, store: ImageStore) -> GenerationService:
-        return GenerationService(settings, render, score, store)
+    def make(
+        settings: ServiceSettings, store: ImageStore, render_with: RenderStream | None = None
+    ) -> GenerationService:
+        return GenerationService(settings, render_with or render, score, store)
 
     return make
 
@@ -170,3 +175,4 @@ def wait_until_ready(url: str, timeout_s: float) -> None:
             last = repr(error)
         time.sleep(1)
     raise TimeoutError(f"the application at {url} did not become ready: {last}")
+
