@@ -11,6 +11,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus
 
+from deployments.telemetry import RayTelemetry
 from serve_app.generation import RenderedImage
 from serve_app.http_api import Readiness, create_app
 from serve_app.planning import SamplingJob
@@ -36,7 +37,7 @@ class Ingress:
         except StorageError as error:
             # Stay up so that /healthz can say what is wrong; requests fail with a 503.
             logger.error("storage is not usable: %s", error)
-        self.service = GenerationService(settings, self._render, self._score, store)
+        self.service = GenerationService(settings, self._render, self._score, store, RayTelemetry())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.service, self._readiness)

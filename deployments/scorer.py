@@ -17,6 +17,10 @@ class Scorer:
     def __init__(self) -> None:
         self.scorer = ClipScorer(get_settings())
 
+    async def check_health(self) -> None:
+        """Ray Serve restarts the replica when this raises: the model can no longer run."""
+        await asyncio.to_thread(self.scorer.check)
+
     async def score(self, prompt: str, images: list[bytes]) -> list[float]:
         """One score per image, in order."""
         return await asyncio.to_thread(self.scorer.score, prompt, images)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from serve_app.planning import SamplingJob
 from serve_app.samplers import make_scheduler
 from serve_app.schemas import SamplingParams
 from serve_app.settings import ServiceSettings
+from serve_app.telemetry import NoTelemetry, Telemetry
 from serve_app.tiny_models import TINY_FLUX_NAME
 
 logger = logging.getLogger(__name__)
@@ -63,14 +65,41 @@ class FluxGenerator:
         if settings.warmup:
             self.warm_up()
 
-    def warm_up(self) -> None:
-        """One small generation, so that the first request does not pay for lazy initialization."""
-        native = self.settings.native
+    def _smallest_job(self) -> SamplingJob:
         side = self.settings.min_size
         params = SamplingParams(
-            sampler=native.sampler, steps=1, cfg_scale=1.0, seed=0, width=side, height=side
+            sampler=self.settings.native.sampler,
+            steps=1,
+            cfg_scale=1.0,
+            seed=0,
+            width=side,
+            height=side,
         )
-        self.render([SamplingJob(index=0, prompt="warm-up", negative_prompt=None, params=params)])
+        return SamplingJob(index=0, prompt="health check", negative_prompt=None, params=params)
+
+    def warm_up(self) -> None:
+        """One small generation, so that the first request does not pay for lazy initialization."""
+        self.render([self._smallest_job()])
+
+    def check(self) -> None:
+        """Raise RuntimeError unless the model still produces finite latents on its device.
+
+        A busy pipeline is working, so the check passes without waiting for it.
+        """
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            arguments = self.pipeline_arguments([self._smallest_job()])
+            arguments["output_type"] = "latent"
+            with torch.inference_mode():
+                self.pipeline.scheduler = make_scheduler(
+                    self.settings.native.sampler, self._scheduler_config
+                )
+                latents = self.pipeline(**arguments).images
+        finally:
+            self._lock.release()
+        if not torch.isfinite(latents).all():
+            raise RuntimeError(f"the FLUX pipeline on {self.device} produces non-finite values")
 
     def pipeline_arguments(self, batch: list[SamplingJob]) -> dict[str, Any]:
         """The FluxPipeline call that makes exactly the images ``batch`` names."""
@@ -113,9 +142,14 @@ class FluxGenerator:
 
 
 async def render_stream(
-    generator: FluxGenerator, jobs: list[SamplingJob]
+    generator: FluxGenerator, jobs: list[SamplingJob], telemetry: Telemetry | None = None
 ) -> AsyncIterator[list[RenderedImage]]:
     """Yield each batch of ``jobs`` as soon as ``generator`` has made it."""
+    telemetry = telemetry or NoTelemetry()
     for batch in batches(jobs, generator.settings.max_batch_size):
+        started = time.perf_counter()
         # The pipeline blocks for the whole batch: keep it off the event loop.
-        yield await asyncio.to_thread(generator.render, batch)
+        rendered = await asyncio.to_thread(generator.render, batch)
+        telemetry.stage_seconds("generation", time.perf_counter() - started)
+        telemetry.images_generated(batch[0].params.sampler, len(batch))
+        yield rendered

@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import re
+import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from serve_app.auth import api_key_guard
 from serve_app.errors import ErrorEnvelope, envelope_for, error_response, install_error_handlers
 from serve_app.image_codec import content_type
+from serve_app.middleware import OutcomeMiddleware, RequestIdMiddleware
 from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse
 from serve_app.service import GenerationService, build_response
 from serve_app.storage import LocalImageStore, StorageError
+from serve_app.telemetry import outcome_of
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+logger = logging.getLogger(__name__)
 
 
 class Readiness(BaseModel):
@@ -31,13 +32,6 @@ class Readiness(BaseModel):
 
 
 CheckReadiness = Callable[[], Awaitable[Readiness]]
-
-
-def request_id_from(header: str | None) -> str:
-    """The client's X-Request-Id where it is a safe key part, else a fresh one."""
-    if header and _REQUEST_ID.fullmatch(header):
-        return header
-    return uuid.uuid4().hex
 
 
 def server_sent_event(event: str, payload: BaseModel) -> str:
@@ -56,9 +50,11 @@ async def event_stream(
             images.append(image)
             yield server_sent_event("image", image)
     except Exception as error:  # noqa: BLE001 - headers are sent: the error must go in the stream
-        _, envelope = envelope_for(error)
+        status, envelope = envelope_for(error)
+        service.telemetry.request_finished(outcome_of(status))
         yield server_sent_event("error", envelope)
         return
+    service.telemetry.request_finished("success")
     if request.top_k is None:
         images.sort(key=lambda image: image.index)
     yield server_sent_event("result", build_response(request, request_id, images, started))
@@ -82,6 +78,8 @@ def create_app(service: GenerationService, readiness: CheckReadiness) -> FastAPI
         version="0.1.0",
     )
     install_error_handlers(app)
+    app.add_middleware(OutcomeMiddleware, telemetry=service.telemetry, path="/generate")
+    app.add_middleware(RequestIdMiddleware)
     authenticated = [Depends(api_key_guard(service.settings.api_keys))]
 
     @app.post(
@@ -98,23 +96,20 @@ def create_app(service: GenerationService, readiness: CheckReadiness) -> FastAPI
         },
     )
     async def generate(
-        body: GenerateRequest,
-        request: Request,
-        x_request_id: Annotated[str | None, Header()] = None,
+        body: GenerateRequest, request: Request
     ) -> GenerateResponse | StreamingResponse:
         """Generate, rank and store images for a prompt."""
         started = time.perf_counter()
-        request_id = request_id_from(x_request_id)
+        request_id: str = request.state.request_id
         base_url = str(request.base_url)
-        headers = {"X-Request-Id": request_id}
+        logger.debug("request %s: prompt %r", request_id, body.prompt)
         if body.stream:
             return StreamingResponse(
                 event_stream(service, body, request_id, base_url),
                 media_type="text/event-stream",
-                headers={**headers, "Cache-Control": "no-cache"},
+                headers={"Cache-Control": "no-cache"},
             )
-        response = await service.generate(body, request_id, base_url, started)
-        return JSONResponse(response.model_dump(mode="json"), headers=headers)  # type: ignore[return-value]
+        return await service.generate(body, request_id, base_url, started)
 
     @app.get("/healthz", response_model=Readiness, responses={503: {"model": Readiness}})
     async def healthz() -> JSONResponse:

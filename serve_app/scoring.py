@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import threading
 
 import torch
@@ -31,6 +32,14 @@ class ClipScorer:
         self.model = CLIPModel.from_pretrained(source, dtype=self.dtype).to(self.device).eval()
         self.processor = CLIPProcessor.from_pretrained(processor_source)
         self._lock = threading.Lock()
+
+    def check(self) -> None:
+        """Raise RuntimeError unless the model still scores an image with a finite number."""
+        blank = io.BytesIO()
+        Image.new("RGB", (64, 64)).save(blank, format="PNG")
+        (score,) = self.score("health check", [blank.getvalue()])
+        if not math.isfinite(score):
+            raise RuntimeError(f"the scorer on {self.device} produces non-finite scores")
 
     def score(self, prompt: str, images: list[bytes]) -> list[float]:
         """One score per encoded image, in order; higher matches the prompt better."""

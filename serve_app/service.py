@@ -19,6 +19,7 @@ from serve_app.planning import SamplingJob, plan_jobs, shard
 from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse
 from serve_app.settings import ServiceSettings
 from serve_app.storage import ImageStore, StorageError, image_key
+from serve_app.telemetry import NoTelemetry, Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +54,13 @@ class GenerationService:
         render: RenderStream,
         score: ScoreImages,
         store: ImageStore,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
         self._render = render
         self._score = score
         self.store = store
+        self.telemetry = telemetry or NoTelemetry()
 
     async def images(
         self, request: GenerateRequest, request_id: str, base_url: str
@@ -105,6 +108,8 @@ class GenerationService:
 
         shards = shard(jobs, gpus)
         tasks = [asyncio.create_task(pump(part)) for part in shards]
+        outstanding = len(jobs)
+        self.telemetry.jobs_in_flight(outstanding)
         try:
             remaining = len(tasks)
             while remaining:
@@ -114,13 +119,18 @@ class GenerationService:
                 elif isinstance(item, BaseException):
                     raise item
                 else:
+                    outstanding -= len(item)
+                    self.telemetry.jobs_in_flight(-len(item))
                     yield item
         finally:
+            self.telemetry.jobs_in_flight(-outstanding)
             for task in tasks:
                 task.cancel()
 
     async def _scored(self, prompt: str, batch: list[RenderedImage]) -> list[_Scored]:
+        started = time.perf_counter()
         scores = await self._score(prompt, [rendered.data for rendered in batch])
+        self.telemetry.stage_seconds("scoring", time.perf_counter() - started)
         return [_Scored(rendered, score) for rendered, score in zip(batch, scores, strict=True)]
 
     async def _store_all(
@@ -152,7 +162,9 @@ class GenerationService:
         job = item.rendered.job
         extension = job.image_format
         key = image_key(destination.request_id, destination.attempt, job.index, extension)
+        started = time.perf_counter()
         await asyncio.to_thread(self.store.put, key, item.rendered.data, content_type(extension))
+        self.telemetry.stage_seconds("upload", time.perf_counter() - started)
         return GeneratedImage(
             url=self.store.url(key, destination.base_url),
             index=job.index,

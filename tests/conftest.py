@@ -101,6 +101,7 @@ class ServeCluster:
 
     url: str
     storage_dir: Path
+    metrics_url: str
 
 
 def free_port() -> int:
@@ -136,9 +137,17 @@ def serve_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeClu
     port = free_port()
     config_path = work / "serve.yaml"
     config_path.write_text(yaml.safe_dump(serve_config_for_tests(port, work / "images")))
+    metrics_port = free_port()
+    # Custom metrics reach the export every second instead of every ten: tests poll less.
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"  # noqa: SIM112 - Ray spells it so
     # Logical CPUs beyond the two real ones let every replica schedule; GPUs are logical too.
     context = ray.init(
-        address="local", num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=False
+        address="local",
+        num_cpus=8,
+        num_gpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
     )
     try:
         subprocess.run(
@@ -156,7 +165,11 @@ def serve_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeClu
         )
         url = f"http://127.0.0.1:{port}"
         wait_until_ready(url, timeout_s=240)
-        yield ServeCluster(url=url, storage_dir=work / "images")
+        yield ServeCluster(
+            url=url,
+            storage_dir=work / "images",
+            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+        )
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -137,3 +137,13 @@ def test_healthz_and_docs(client: TestClient) -> None:
     for name, field in request_schema["properties"].items():
         assert field.get("description"), name
     assert client.get("/docs").status_code == 200
+
+
+def test_every_response_carries_a_request_id(client: TestClient) -> None:
+    refused = client.post("/generate", json={"prompt": ""}, headers={"X-Request-Id": "req-7"})
+    assert refused.status_code == 422
+    assert refused.headers["X-Request-Id"] == "req-7"
+    fresh = client.get("/healthz").headers["X-Request-Id"]
+    assert len(fresh) == 32
+    unsafe = client.get("/healthz", headers={"X-Request-Id": "../../etc"}).headers["X-Request-Id"]
+    assert unsafe != "../../etc"

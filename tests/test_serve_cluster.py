@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from collections import Counter
 
 import httpx
@@ -131,3 +132,46 @@ def test_each_gpu_worker_replica_sees_its_own_gpu(serve_cluster: ServeCluster) -
         assert sorted(seen.values()) == ["0", "1"]
     finally:
         serve.delete("placement")
+
+
+def metric_samples(text: str, name: str) -> dict[str, float]:
+    """Samples of metric ``name`` in Prometheus text, keyed by their label text."""
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            labels, _, value = line.rpartition(" ")
+            samples[labels[len(name) :]] = float(value)
+    return samples
+
+
+def test_metrics_reach_prometheus_after_real_requests(serve_cluster: ServeCluster) -> None:
+    assert (
+        post(
+            serve_cluster, {"prompt": "a red cat", "nof_images": 2, "width": 64, "height": 64}
+        ).status_code
+        == 200
+    )
+    assert post(serve_cluster, {"prompt": ""}).status_code == 422
+    wanted = {
+        "ray_flux_requests_total": lambda s: (
+            any('outcome="success"' in k for k in s)
+            and any('outcome="client_error"' in k for k in s)
+        ),
+        "ray_flux_images_generated_total": lambda s: any(
+            'sampler="euler"' in k and v >= 2 for k, v in s.items()
+        ),
+        "ray_flux_generation_duration_seconds_count": lambda s: sum(s.values()) >= 1,
+        "ray_flux_scoring_duration_seconds_count": lambda s: sum(s.values()) >= 1,
+        "ray_flux_upload_duration_seconds_count": lambda s: sum(s.values()) >= 2,
+        "ray_flux_jobs_in_flight": lambda s: len(s) >= 1,
+    }
+    deadline = time.monotonic() + 90
+    missing = list(wanted)
+    while missing and time.monotonic() < deadline:
+        text = httpx.get(serve_cluster.metrics_url, timeout=10).text
+        missing = [name for name, ok in wanted.items() if not ok(metric_samples(text, name))]
+        if missing:
+            time.sleep(1)
+    assert not missing, f"metrics never exported: {missing}"
+    assert "a red cat" not in text  # no prompt in any label
+    assert 'deployment="FluxWorker"' in text

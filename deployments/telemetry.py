@@ -1,0 +1,56 @@
+"""Telemetry exported through Ray's metrics agent (custom metrics get a ``ray_`` prefix there).
+
+Plain prometheus-client metrics inside a replica would never reach Prometheus: Ray's metrics
+export is the only path out of the replicas.
+"""
+
+from __future__ import annotations
+
+from ray.serve import metrics
+
+from serve_app.telemetry import Outcome, Stage
+
+# Seconds: from a tiny image on a GPU (milliseconds) to a large batch on a CPU (minutes).
+_DURATION_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
+
+
+class RayTelemetry:
+    """Counters, histograms and a gauge, tagged with the deployment and replica by Ray Serve."""
+
+    def __init__(self) -> None:
+        self._requests = metrics.Counter(
+            "flux_requests",
+            description="Requests to /generate, by outcome.",
+            tag_keys=("outcome",),
+        )
+        self._images = metrics.Counter(
+            "flux_images_generated",
+            description="Images generated, by sampler.",
+            tag_keys=("sampler",),
+        )
+        self._durations = {
+            stage: metrics.Histogram(
+                f"flux_{stage}_duration_seconds",
+                description=f"Duration of one {stage} call, in seconds.",
+                boundaries=_DURATION_BUCKETS,
+            )
+            for stage in ("generation", "scoring", "upload")
+        }
+        self._in_flight = metrics.Gauge(
+            "flux_jobs_in_flight",
+            description="Sampling jobs dispatched to workers and not yet returned.",
+        )
+        self._in_flight_count = 0
+
+    def request_finished(self, outcome: Outcome) -> None:
+        self._requests.inc(tags={"outcome": outcome})
+
+    def images_generated(self, sampler: str, count: int) -> None:
+        self._images.inc(count, tags={"sampler": sampler})
+
+    def stage_seconds(self, stage: Stage, seconds: float) -> None:
+        self._durations[stage].observe(seconds)
+
+    def jobs_in_flight(self, change: int) -> None:
+        self._in_flight_count += change
+        self._in_flight.set(self._in_flight_count)

@@ -1,0 +1,68 @@
+"""ASGI middleware of the REST API: request ids and outcome counting."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve_app.telemetry import Telemetry, outcome_of
+
+REQUEST_ID_HEADER = "X-Request-Id"
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def request_id_from(header: str | None) -> str:
+    """The client's X-Request-Id where it is a safe key part, else a fresh one."""
+    if header and _SAFE_REQUEST_ID.fullmatch(header):
+        return header
+    return uuid.uuid4().hex
+
+
+class RequestIdMiddleware:
+    """Gives every HTTP request an id (the client's X-Request-Id when usable), puts it in
+    ``request.state.request_id`` and on the response. Skips websocket and lifespan scopes."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(REQUEST_ID_HEADER.lower().encode())
+        request_id = request_id_from(header.decode("latin-1") if header else None)
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class OutcomeMiddleware:
+    """Counts the outcome of each request to ``path`` by status code. Skips other paths, and
+    event streams, whose outcome is known only at their end (the stream reports it)."""
+
+    def __init__(self, app: ASGIApp, telemetry: Telemetry, path: str) -> None:
+        self.app = app
+        self.telemetry = telemetry
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_and_count(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                if not headers.get("content-type", "").startswith("text/event-stream"):
+                    self.telemetry.request_finished(outcome_of(message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, send_and_count)

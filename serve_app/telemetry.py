@@ -1,0 +1,52 @@
+"""What the service reports about itself; the deployments export it to Prometheus through Ray.
+
+Plain Python so that the request flow can report without knowing about Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+Stage = Literal["generation", "scoring", "upload"]
+Outcome = Literal["success", "client_error", "server_error"]
+
+
+def outcome_of(status_code: int) -> Outcome:
+    """The outcome label of an HTTP status code."""
+    if status_code < 400:
+        return "success"
+    if status_code < 500:
+        return "client_error"
+    return "server_error"
+
+
+class Telemetry(Protocol):
+    """Receives the service's measurements. No prompt or user ever goes into a label."""
+
+    def request_finished(self, outcome: Outcome) -> None:
+        """One HTTP request on /generate ended."""
+
+    def images_generated(self, sampler: str, count: int) -> None:
+        """A pipeline call made ``count`` images with ``sampler``."""
+
+    def stage_seconds(self, stage: Stage, seconds: float) -> None:
+        """One generation batch, scoring call or upload took ``seconds``."""
+
+    def jobs_in_flight(self, change: int) -> None:
+        """Sampling jobs dispatched and not yet returned changed by ``change``."""
+
+
+class NoTelemetry:
+    """Reports nowhere: for tools and tests that run the service outside a cluster."""
+
+    def request_finished(self, outcome: Outcome) -> None:
+        pass
+
+    def images_generated(self, sampler: str, count: int) -> None:
+        pass
+
+    def stage_seconds(self, stage: Stage, seconds: float) -> None:
+        pass
+
+    def jobs_in_flight(self, change: int) -> None:
+        pass
