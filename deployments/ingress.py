@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from fastapi import FastAPI
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus
 
 from deployments.telemetry import RayTelemetry
+from serve_app.faults import Overloaded, WorkerLost
 from serve_app.generation import RenderedImage
 from serve_app.http_api import Readiness, create_app
 from serve_app.planning import SamplingJob
@@ -20,6 +24,18 @@ from serve_app.settings import get_settings
 from serve_app.storage import StorageError, make_store
 
 logger = logging.getLogger("ray.serve")
+
+
+@contextlib.contextmanager
+def replica_faults(deployment: str) -> Iterator[None]:
+    """Ray's errors as the request flow knows them: a lost replica can be retried elsewhere, a
+    full queue means overload."""
+    try:
+        yield
+    except (RayActorError, ActorUnavailableError) as error:
+        raise WorkerLost(f"a {deployment} replica was lost: {type(error).__name__}") from error
+    except BackPressureError as error:
+        raise Overloaded(f"the {deployment} queue is full") from error
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
@@ -42,11 +58,14 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.service, self._readiness)
 
-    def _render(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
-        return self._worker.render.remote(jobs)  # type: ignore[no-any-return]
+    async def _render(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
+        with replica_faults("FluxWorker"):
+            async for batch in self._worker.render.remote(jobs):
+                yield batch
 
     async def _score(self, prompt: str, images: list[bytes]) -> list[float]:
-        return await self._scorer.score.remote(prompt, images)  # type: ignore[no-any-return]
+        with replica_faults("Scorer"):
+            return await self._scorer.score.remote(prompt, images)  # type: ignore[no-any-return]
 
     async def _readiness(self) -> Readiness:
         app_name = serve.get_replica_context().app_name

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from serve_app.auth import AuthenticationError
+from serve_app.faults import Overloaded, RequestTimedOut, WorkerLost
 from serve_app.storage import StorageError
 
 logger = logging.getLogger(__name__)
@@ -47,9 +48,21 @@ def envelope_for(error: Exception) -> tuple[int, ErrorEnvelope]:
     if isinstance(error, StorageError):
         body = ErrorBody(type="storage_error", message=f"storing the images failed: {error}")
         return 503, ErrorEnvelope(error=body)
+    if isinstance(error, Overloaded):
+        return 503, ErrorEnvelope(error=ErrorBody(type="overloaded", message=str(error)))
+    if isinstance(error, RequestTimedOut):
+        return 504, ErrorEnvelope(error=ErrorBody(type="timeout", message=str(error)))
+    if isinstance(error, WorkerLost):
+        body = ErrorBody(type="worker_lost", message=f"{error}; retries were exhausted")
+        return 503, ErrorEnvelope(error=body)
     logger.exception("request failed", exc_info=error)
     body = ErrorBody(type="internal_error", message="image generation failed; see the server log")
     return 500, ErrorEnvelope(error=body)
+
+
+def retry_after(status: int, seconds: int) -> dict[str, str]:
+    """The Retry-After header for answers that a later retry may fix."""
+    return {"Retry-After": str(seconds)} if status == 503 else {}
 
 
 def _dotted(location: tuple[int | str, ...]) -> str:
@@ -73,16 +86,19 @@ async def _http_error(_: Request, error: Exception) -> JSONResponse:
     return error_response(error.status_code, "http_error", str(error.detail))
 
 
-async def _mapped_error(_: Request, error: Exception) -> JSONResponse:
+async def _mapped_error(request: Request, error: Exception) -> JSONResponse:
     status, envelope = envelope_for(error)
-    return JSONResponse(status_code=status, content=envelope.model_dump())
+    headers = retry_after(status, request.app.state.retry_after_s)
+    return JSONResponse(status_code=status, content=envelope.model_dump(), headers=headers)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     """Route every exception through the envelope."""
+    app.state.retry_after_s = retry_after_s
     app.add_exception_handler(AuthenticationError, _authentication_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     # Known failures get their own handler: the catch-all below would also re-raise them.
-    app.add_exception_handler(StorageError, _mapped_error)
+    for known in (StorageError, Overloaded, RequestTimedOut, WorkerLost):
+        app.add_exception_handler(known, _mapped_error)
     app.add_exception_handler(Exception, _mapped_error)

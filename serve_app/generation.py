@@ -24,6 +24,10 @@ from serve_app.tiny_models import TINY_FLUX_NAME
 logger = logging.getLogger(__name__)
 
 
+class RenderCancelled(RuntimeError):
+    """A batch was stopped before its end because nobody waits for it any more."""
+
+
 class RenderedImage(BaseModel):
     """A finished image of one job, encoded for storage."""
 
@@ -91,11 +95,7 @@ class FluxGenerator:
         try:
             arguments = self.pipeline_arguments([self._smallest_job()])
             arguments["output_type"] = "latent"
-            with torch.inference_mode():
-                self.pipeline.scheduler = make_scheduler(
-                    self.settings.native.sampler, self._scheduler_config
-                )
-                latents = self.pipeline(**arguments).images
+            latents = self._run(self.settings.native.sampler, arguments, cancelled=None)
         finally:
             self._lock.release()
         if not torch.isfinite(latents).all():
@@ -122,17 +122,35 @@ class FluxGenerator:
             arguments["negative_prompt"] = [job.negative_prompt or "" for job in batch]
         return arguments
 
-    def render(self, batch: list[SamplingJob]) -> list[RenderedImage]:
+    def _run(
+        self, sampler: str, arguments: dict[str, Any], cancelled: threading.Event | None
+    ) -> Any:
+        """One pipeline call; the caller holds the lock. Stops at the next denoising step once
+        ``cancelled`` is set (the images are then never used)."""
+
+        def stop_when_cancelled(
+            pipeline: Any, _step: int, _timestep: Any, tensors: dict[str, Any]
+        ) -> dict[str, Any]:
+            if cancelled is not None and cancelled.is_set():
+                pipeline._interrupt = True  # diffusers' documented way to end the loop early
+            return tensors
+
+        with torch.inference_mode():
+            self.pipeline.scheduler = make_scheduler(sampler, self._scheduler_config)
+            return self.pipeline(**arguments, callback_on_step_end=stop_when_cancelled).images
+
+    def render(
+        self, batch: list[SamplingJob], cancelled: threading.Event | None = None
+    ) -> list[RenderedImage]:
         """Make the images of jobs that share a batch key, in one pipeline call."""
         keys = {job.batch_key() for job in batch}
         if len(keys) != 1:
             raise ValueError(f"a batch must share one batch key, got {len(keys)}")
         arguments = self.pipeline_arguments(batch)
-        with self._lock, torch.inference_mode():
-            self.pipeline.scheduler = make_scheduler(
-                batch[0].params.sampler, self._scheduler_config
-            )
-            images = self.pipeline(**arguments).images
+        with self._lock:
+            images = self._run(batch[0].params.sampler, arguments, cancelled)
+        if cancelled is not None and cancelled.is_set():
+            raise RenderCancelled(f"cancelled batch of {len(batch)} images")
         return [
             RenderedImage(
                 job=job, data=encode(image, job.image_format, self.settings.image_quality)
@@ -148,8 +166,14 @@ async def render_stream(
     telemetry = telemetry or NoTelemetry()
     for batch in batches(jobs, generator.settings.max_batch_size):
         started = time.perf_counter()
-        # The pipeline blocks for the whole batch: keep it off the event loop.
-        rendered = await asyncio.to_thread(generator.render, batch)
+        cancelled = threading.Event()
+        try:
+            # The pipeline blocks for the whole batch: keep it off the event loop.
+            rendered = await asyncio.to_thread(generator.render, batch, cancelled)
+        except asyncio.CancelledError:
+            # The caller is gone (client disconnect, timeout): free the pipeline at its next step.
+            cancelled.set()
+            raise
         telemetry.stage_seconds("generation", time.perf_counter() - started)
         telemetry.images_generated(batch[0].params.sampler, len(batch))
         yield rendered

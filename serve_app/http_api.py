@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -11,11 +12,14 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
 
+from serve_app.admission import Admission, Slot
 from serve_app.auth import api_key_guard
 from serve_app.errors import ErrorEnvelope, envelope_for, error_response, install_error_handlers
+from serve_app.faults import RequestTimedOut
 from serve_app.image_codec import content_type
-from serve_app.middleware import OutcomeMiddleware, RequestIdMiddleware
+from serve_app.middleware import BodySizeLimitMiddleware, OutcomeMiddleware, RequestIdMiddleware
 from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse
 from serve_app.service import GenerationService, build_response
 from serve_app.storage import LocalImageStore, StorageError
@@ -39,21 +43,43 @@ def server_sent_event(event: str, payload: BaseModel) -> str:
     return f"event: {event}\ndata: {payload.model_dump_json()}\n\n"
 
 
+@contextlib.asynccontextmanager
+async def deadline(seconds: float) -> AsyncIterator[None]:
+    """Cancel the work inside after ``seconds`` and raise RequestTimedOut."""
+    timeout = asyncio.timeout(seconds)
+    try:
+        async with timeout:
+            yield
+    except TimeoutError as error:
+        if not timeout.expired():
+            raise
+        raise RequestTimedOut(
+            f"the request took longer than {seconds:g} s; its work was cancelled"
+        ) from error
+
+
 async def event_stream(
-    service: GenerationService, request: GenerateRequest, request_id: str, base_url: str
+    service: GenerationService,
+    request: GenerateRequest,
+    request_id: str,
+    base_url: str,
+    slot: Slot,
 ) -> AsyncIterator[str]:
     """``image`` events as images are stored, then ``result`` (or ``error``) with the answer."""
     started = time.perf_counter()
     images: list[GeneratedImage] = []
     try:
-        async for image in service.images(request, request_id, base_url):
-            images.append(image)
-            yield server_sent_event("image", image)
+        async with deadline(service.settings.request_timeout_s):
+            async for image in service.images(request, request_id, base_url):
+                images.append(image)
+                yield server_sent_event("image", image)
     except Exception as error:  # noqa: BLE001 - headers are sent: the error must go in the stream
         status, envelope = envelope_for(error)
         service.telemetry.request_finished(outcome_of(status))
         yield server_sent_event("error", envelope)
         return
+    finally:
+        slot.release()
     service.telemetry.request_finished("success")
     if request.top_k is None:
         images.sort(key=lambda image: image.index)
@@ -66,7 +92,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         "model": ErrorEnvelope,
         "description": "The request is invalid; error.param names the field.",
     },
-    503: {"model": ErrorEnvelope, "description": "Storage failed, or the service is not ready."},
+    413: {"model": ErrorEnvelope, "description": "The request body is too large."},
+    503: {
+        "model": ErrorEnvelope,
+        "description": "Overloaded (see Retry-After), storage failed, or workers were lost.",
+    },
+    504: {"model": ErrorEnvelope, "description": "The request passed its deadline."},
 }
 
 
@@ -77,10 +108,14 @@ def create_app(service: GenerationService, readiness: CheckReadiness) -> FastAPI
         summary="Text to images with FLUX.1, ranked and stored.",
         version="0.1.0",
     )
-    install_error_handlers(app)
+    settings = service.settings
+    install_error_handlers(app, settings.retry_after_s)
+    # The last one added runs first: ids for every answer, the size limit before any parsing.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(OutcomeMiddleware, telemetry=service.telemetry, path="/generate")
     app.add_middleware(RequestIdMiddleware)
-    authenticated = [Depends(api_key_guard(service.settings.api_keys))]
+    authenticated = [Depends(api_key_guard(settings.api_keys))]
+    admission = Admission(settings.max_concurrent_requests)
 
     @app.post(
         "/generate",
@@ -103,13 +138,20 @@ def create_app(service: GenerationService, readiness: CheckReadiness) -> FastAPI
         request_id: str = request.state.request_id
         base_url = str(request.base_url)
         logger.debug("request %s: prompt %r", request_id, body.prompt)
+        slot = admission.admit()
         if body.stream:
             return StreamingResponse(
-                event_stream(service, body, request_id, base_url),
+                event_stream(service, body, request_id, base_url, slot),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
+                # Also frees the slot of a stream the client left before it began.
+                background=BackgroundTask(slot.release),
             )
-        return await service.generate(body, request_id, base_url, started)
+        try:
+            async with deadline(settings.request_timeout_s):
+                return await service.generate(body, request_id, base_url, started)
+        finally:
+            slot.release()
 
     @app.get("/healthz", response_model=Readiness, responses={503: {"model": Readiness}})
     async def healthz() -> JSONResponse:

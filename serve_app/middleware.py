@@ -1,4 +1,4 @@
-"""ASGI middleware of the REST API: request ids and outcome counting."""
+"""ASGI middleware of the REST API: request ids, outcome counting and a body size limit."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import re
 import uuid
 
 from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve_app.errors import error_response
 from serve_app.telemetry import Telemetry, outcome_of
 
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -66,3 +68,47 @@ class OutcomeMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_and_count)
+
+
+class BodySizeLimitMiddleware:
+    """Answers 413 to request bodies larger than ``max_bytes``, by Content-Length or by counting
+    the chunks of a body sent without one. Skips non-HTTP scopes."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    def _message(self) -> str:
+        return f"the request body exceeds {self.max_bytes} bytes"
+
+    async def _refuse(self, send: Send) -> None:
+        response = error_response(413, "request_too_large", self._message())
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": response.raw_headers,
+            }
+        )
+        await send({"type": "http.response.body", "body": response.body})

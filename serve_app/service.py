@@ -7,12 +7,14 @@ in-process models in the fast tests.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+from serve_app.faults import WorkerLost
 from serve_app.generation import RenderedImage
 from serve_app.image_codec import content_type
 from serve_app.planning import SamplingJob, plan_jobs, shard
@@ -98,13 +100,28 @@ class GenerationService:
         queue: asyncio.Queue[list[RenderedImage] | BaseException | None] = asyncio.Queue()
 
         async def pump(part: list[SamplingJob]) -> None:
-            try:
-                async for batch in self._render(part):
-                    await queue.put(batch)
-            except Exception as error:  # noqa: BLE001 - re-raised by the consumer below
-                await queue.put(error)
-            else:
-                await queue.put(None)
+            remaining = part
+            for attempt in itertools.count():
+                try:
+                    async for batch in self._render(remaining):
+                        done = {rendered.job.index for rendered in batch}
+                        remaining = [job for job in remaining if job.index not in done]
+                        await queue.put(batch)
+                except WorkerLost as error:
+                    if attempt >= self.settings.max_retries:
+                        await queue.put(error)
+                        return
+                    # Only the jobs not yet returned go again, to whichever replica is alive.
+                    logger.warning(
+                        "worker lost with %d jobs left, retrying: %s", len(remaining), error
+                    )
+                    await asyncio.sleep(self.settings.retry_backoff_s * 2**attempt)
+                except Exception as error:  # noqa: BLE001 - re-raised by the consumer below
+                    await queue.put(error)
+                    return
+                else:
+                    await queue.put(None)
+                    return
 
         shards = shard(jobs, gpus)
         tasks = [asyncio.create_task(pump(part)) for part in shards]
@@ -126,10 +143,21 @@ class GenerationService:
             self.telemetry.jobs_in_flight(-outstanding)
             for task in tasks:
                 task.cancel()
+            # Wait for the cancellations to land, so no work outlives its request.
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _scored(self, prompt: str, batch: list[RenderedImage]) -> list[_Scored]:
         started = time.perf_counter()
-        scores = await self._score(prompt, [rendered.data for rendered in batch])
+        images = [rendered.data for rendered in batch]
+        for attempt in itertools.count():
+            try:
+                scores = await self._score(prompt, images)
+                break
+            except WorkerLost as error:
+                if attempt >= self.settings.max_retries:
+                    raise
+                logger.warning("scorer lost, retrying: %s", error)
+                await asyncio.sleep(self.settings.retry_backoff_s * 2**attempt)
         self.telemetry.stage_seconds("scoring", time.perf_counter() - started)
         return [_Scored(rendered, score) for rendered, score in zip(batch, scores, strict=True)]
 

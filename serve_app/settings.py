@@ -60,6 +60,26 @@ class ServiceSettings(BaseSettings):
     )
     warmup: bool = Field(True, description="Run one small generation when a replica starts.")
 
+    # Reliability
+    request_timeout_s: float = Field(
+        300, gt=0, description="Deadline of one request; past it the answer is a 504."
+    )
+    max_concurrent_requests: int = Field(
+        32,
+        ge=1,
+        description="Requests one ingress replica works on at once; more get a quick 503.",
+    )
+    retry_after_s: int = Field(5, ge=1, description="Retry-After sent with overload answers.")
+    max_retries: int = Field(
+        3, ge=0, le=10, description="Retries of work lost with a worker or scorer replica."
+    )
+    retry_backoff_s: float = Field(
+        0.5, ge=0, description="First wait before such a retry; doubles each time."
+    )
+    max_body_bytes: int = Field(
+        65536, ge=1024, description="Largest request body; larger ones get a 413."
+    )
+
     # Access
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
