@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import resources
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
@@ -20,6 +22,7 @@ from serve_app.errors import ErrorEnvelope, envelope_for, error_response, instal
 from serve_app.faults import RequestTimedOut
 from serve_app.image_codec import content_type
 from serve_app.middleware import BodySizeLimitMiddleware, OutcomeMiddleware, RequestIdMiddleware
+from serve_app.samplers import supported_samplers
 from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse
 from serve_app.service import GenerationService, build_response
 from serve_app.storage import LocalImageStore, StorageError
@@ -36,6 +39,12 @@ class Readiness(BaseModel):
 
 
 CheckReadiness = Callable[[], Awaitable[Readiness]]
+
+
+def playground_page() -> str:
+    """The web playground (serve_app/web/index.html) with the supported samplers filled in."""
+    page = (resources.files("serve_app") / "web" / "index.html").read_text(encoding="utf-8")
+    return page.replace("__SUPPORTED_SAMPLERS__", json.dumps(supported_samplers()))
 
 
 def server_sent_event(event: str, payload: BaseModel) -> str:
@@ -163,6 +172,13 @@ def create_app(service: GenerationService, readiness: CheckReadiness) -> FastAPI
         else:
             state = await readiness()
         return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)
+
+    playground = playground_page()
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        """The web playground."""
+        return HTMLResponse(playground)
 
     store = service.store
     if isinstance(store, LocalImageStore):

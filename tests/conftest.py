@@ -33,6 +33,8 @@ from serve_app.service import GenerationService, RenderStream  # noqa: E402
 from serve_app.settings import ServiceSettings, get_settings  # noqa: E402
 from serve_app.storage import ImageStore, LocalImageStore  # noqa: E402
 
+from .live_server import always_ready, serve_over_http  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def settings() -> ServiceSettings:
@@ -189,3 +191,9 @@ def wait_until_ready(url: str, timeout_s: float) -> None:
         time.sleep(1)
     raise TimeoutError(f"the application at {url} did not become ready: {last}")
 
+
+@pytest.fixture
+def live_url(service: GenerationService) -> Iterator[str]:
+    """The in-process application over real HTTP (uvicorn on 127.0.0.1): its base URL."""
+    with serve_over_http(create_app(service, always_ready)) as url:
+        yield url

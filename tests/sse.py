@@ -1,18 +1,13 @@
-"""Reads server-sent events in tests."""
+"""Reads server-sent events in tests, with the client's parser."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
 
+from serve_app.client import read_events
+
 
 def parse_events(lines: Iterable[str]) -> list[tuple[str, dict[str, object]]]:
     """(event, data) pairs of an SSE stream given line by line."""
-    events, name = [], None
-    for line in lines:
-        if line.startswith("event: "):
-            name = line.removeprefix("event: ")
-        elif line.startswith("data: ") and name is not None:
-            events.append((name, json.loads(line.removeprefix("data: "))))
-            name = None
-    return events
+    return [(event.event, json.loads(event.data)) for event in read_events(lines)]
