@@ -33,8 +33,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from serve_app.errors import ErrorBody, ErrorEnvelope
-from serve_app.http_api import Readiness
-from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse
+from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse, Readiness
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=5.0)

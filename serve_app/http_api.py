@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
 from serve_app.admission import Admission, Slot
@@ -23,19 +23,12 @@ from serve_app.faults import RequestTimedOut
 from serve_app.image_codec import content_type
 from serve_app.middleware import BodySizeLimitMiddleware, OutcomeMiddleware, RequestIdMiddleware
 from serve_app.samplers import supported_samplers
-from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse
+from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse, Readiness
 from serve_app.service import GenerationService, build_response
 from serve_app.storage import LocalImageStore, StorageError
 from serve_app.telemetry import outcome_of
 
 logger = logging.getLogger(__name__)
-
-
-class Readiness(BaseModel):
-    """Whether the service can take requests, and why not."""
-
-    ready: bool
-    detail: str = Field(description="What is still starting or failing, or 'ok'.")
 
 
 CheckReadiness = Callable[[], Awaitable[Readiness]]

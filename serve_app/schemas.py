@@ -206,3 +206,10 @@ class GenerateResponse(BaseModel):
     count: int = Field(description="Number of images returned.")
     images: list[GeneratedImage]
     latency_ms: int = Field(description="Time from receiving the request to the answer.")
+
+
+class Readiness(BaseModel):
+    """Whether the service can take requests, and why not."""
+
+    ready: bool
+    detail: str = Field(description="What is still starting or failing, or 'ok'.")

@@ -26,7 +26,7 @@ os.environ.setdefault("FLUX_SERVE_DEFAULT_HEIGHT", "128")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from serve_app.generation import FluxGenerator, RenderedImage, render_stream  # noqa: E402
-from serve_app.http_api import Readiness, create_app  # noqa: E402
+from serve_app.http_api import create_app  # noqa: E402
 from serve_app.planning import SamplingJob  # noqa: E402
 from serve_app.scoring import ClipScorer  # noqa: E402
 from serve_app.service import GenerationService, RenderStream  # noqa: E402
@@ -90,10 +90,7 @@ def service(
 
 @pytest.fixture
 def client(service: GenerationService) -> Iterator[TestClient]:
-    async def ready() -> Readiness:
-        return Readiness(ready=True, detail="ok")
-
-    with TestClient(create_app(service, ready)) as test_client:
+    with TestClient(create_app(service, always_ready)) as test_client:
         yield test_client
 
 

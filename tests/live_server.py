@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import uvicorn
 from fastapi import FastAPI
 
-from serve_app.http_api import Readiness
+from serve_app.schemas import Readiness
 
 STARTUP_DEADLINE_S = 30.0
 

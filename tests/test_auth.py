@@ -8,11 +8,12 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from serve_app.http_api import Readiness, create_app
+from serve_app.http_api import create_app
 from serve_app.settings import ServiceSettings
 from serve_app.storage import LocalImageStore
 
 from .conftest import MakeService
+from .live_server import always_ready
 
 KEYS = ["first-key", "second-key"]
 REQUEST = {"prompt": "a red cat", "nof_images": 1, "width": 64, "height": 64}
@@ -25,10 +26,7 @@ def locked_client(
     keyed = settings.model_copy(update={"api_keys": [SecretStr(k) for k in KEYS]})
     locked = make_service(keyed, store)
 
-    async def ready() -> Readiness:
-        return Readiness(ready=True, detail="ok")
-
-    with TestClient(create_app(locked, ready)) as client:
+    with TestClient(create_app(locked, always_ready)) as client:
         yield client
 
 

@@ -24,9 +24,9 @@ from serve_app.client import (
     read_events,
 )
 from serve_app.generation import FluxGenerator, RenderedImage, render_stream
-from serve_app.http_api import Readiness, create_app
+from serve_app.http_api import create_app
 from serve_app.planning import SamplingJob
-from serve_app.schemas import Diversity, GenerateRequest
+from serve_app.schemas import Diversity, GenerateRequest, Readiness
 from serve_app.scoring import ClipScorer
 from serve_app.service import GenerationService, RenderStream
 from serve_app.settings import ServiceSettings

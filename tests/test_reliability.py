@@ -13,19 +13,16 @@ from fastapi import FastAPI
 
 from serve_app.faults import WorkerLost
 from serve_app.generation import FluxGenerator, RenderedImage, render_stream
-from serve_app.http_api import Readiness, create_app
+from serve_app.http_api import create_app
 from serve_app.planning import SamplingJob
 from serve_app.schemas import GenerateRequest
 from serve_app.settings import ServiceSettings
 from serve_app.storage import LocalImageStore
 
 from .conftest import MakeService
+from .live_server import always_ready
 
 SMALL = {"prompt": "a red cat", "width": 64, "height": 64}
-
-
-async def _ready() -> Readiness:
-    return Readiness(ready=True, detail="ok")
 
 
 def call(app: FastAPI, scenario: Callable[[httpx.AsyncClient], object]) -> object:
@@ -67,7 +64,7 @@ def test_overload_is_answered_at_once_with_retry_after(
 ) -> None:
     held = HeldRender(generator)
     limited = settings.model_copy(update={"max_concurrent_requests": 1, "retry_after_s": 7})
-    app = create_app(make_service(limited, store, held), _ready)
+    app = create_app(make_service(limited, store, held), always_ready)
 
     async def scenario(client: httpx.AsyncClient) -> None:
         first = asyncio.create_task(client.post("/generate", json={**SMALL, "nof_images": 1}))
@@ -92,7 +89,7 @@ def test_a_request_past_its_deadline_is_a_504_and_its_work_is_cancelled(
 ) -> None:
     held = HeldRender(generator)  # never released: the work can't finish
     hasty = settings.model_copy(update={"request_timeout_s": 0.5})
-    app = create_app(make_service(hasty, store, held), _ready)
+    app = create_app(make_service(hasty, store, held), always_ready)
 
     async def scenario(client: httpx.AsyncClient) -> None:
         response = await client.post("/generate", json=SMALL)
@@ -111,7 +108,7 @@ def test_a_stream_past_its_deadline_ends_with_a_timeout_event(
 ) -> None:
     held = HeldRender(generator)
     hasty = settings.model_copy(update={"request_timeout_s": 0.5})
-    app = create_app(make_service(hasty, store, held), _ready)
+    app = create_app(make_service(hasty, store, held), always_ready)
 
     async def scenario(client: httpx.AsyncClient) -> None:
         response = await client.post("/generate", json={**SMALL, "stream": True})
@@ -183,7 +180,7 @@ def test_an_oversized_body_is_a_413(client_app: FastAPI, chunked: bool) -> None:
 def client_app(
     settings: ServiceSettings, make_service: MakeService, store: LocalImageStore
 ) -> FastAPI:
-    return create_app(make_service(settings, store), _ready)
+    return create_app(make_service(settings, store), always_ready)
 
 
 class LosesAWorker:
@@ -211,7 +208,7 @@ def test_jobs_of_a_lost_worker_are_retried_and_stored_once(
 ) -> None:
     flaky = LosesAWorker(generator, losses=1)
     quick = settings.model_copy(update={"retry_backoff_s": 0})
-    app = create_app(make_service(quick, store, flaky), _ready)
+    app = create_app(make_service(quick, store, flaky), always_ready)
 
     async def scenario(client: httpx.AsyncClient) -> None:
         response = await client.post("/generate", json={**SMALL, "nof_images": 8})
@@ -234,7 +231,7 @@ def test_a_worker_lost_for_good_is_a_503_after_the_retries(
 ) -> None:
     doomed = LosesAWorker(generator, losses=100)
     quick = settings.model_copy(update={"retry_backoff_s": 0, "max_retries": 2})
-    app = create_app(make_service(quick, store, doomed), _ready)
+    app = create_app(make_service(quick, store, doomed), always_ready)
 
     async def scenario(client: httpx.AsyncClient) -> None:
         response = await client.post("/generate", json={**SMALL, "nof_images": 16})

@@ -16,13 +16,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from serve_app.generation import FluxGenerator, RenderedImage, render_stream
-from serve_app.http_api import Readiness, create_app
+from serve_app.http_api import create_app
 from serve_app.planning import SamplingJob
 from serve_app.s3_storage import S3ImageStore
 from serve_app.settings import ServiceSettings
 from serve_app.storage import StorageError
 
 from .conftest import MakeService
+from .live_server import always_ready
 from .s3_server import REGION, SeaweedS3, credentials_env
 from .sse import parse_events
 
@@ -71,10 +72,6 @@ def s3_settings(settings: ServiceSettings, s3: SeaweedS3, bucket: str) -> Settin
     return make
 
 
-async def _ready() -> Readiness:
-    return Readiness(ready=True, detail="ok")
-
-
 @pytest.fixture
 def api(s3_settings: SettingsFor, make_service: MakeService) -> Callable[..., TestClient]:
     """A client of the API storing in S3 with the given settings changes."""
@@ -82,7 +79,9 @@ def api(s3_settings: SettingsFor, make_service: MakeService) -> Callable[..., Te
 
     def make(**changes: object) -> TestClient:
         settings = s3_settings(**changes)
-        client = TestClient(create_app(make_service(settings, S3ImageStore(settings)), _ready))
+        client = TestClient(
+            create_app(make_service(settings, S3ImageStore(settings)), always_ready)
+        )
         clients.append(client)
         return client
 
@@ -196,7 +195,7 @@ def test_a_missing_bucket_makes_healthz_unready(
     s3_settings: SettingsFor, make_service: MakeService
 ) -> None:
     settings = s3_settings(s3_bucket="no-such-bucket")
-    client = TestClient(create_app(make_service(settings, S3ImageStore(settings)), _ready))
+    client = TestClient(create_app(make_service(settings, S3ImageStore(settings)), always_ready))
     response = client.get("/healthz")
     assert response.status_code == 503
     assert "'no-such-bucket'" in response.json()["detail"]
@@ -230,7 +229,7 @@ def test_the_server_going_away_mid_request_is_a_503(
             yield batch
 
     service = make_service(settings, S3ImageStore(settings), render_then_lose_the_server)
-    client = TestClient(create_app(service, _ready))
+    client = TestClient(create_app(service, always_ready))
     try:
         with caplog.at_level(logging.ERROR, logger="serve_app.service"):
             response = client.post("/generate", json={**REQUEST, "nof_images": 8})
