@@ -89,6 +89,7 @@ async def event_stream(
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorEnvelope, "description": "The body could not be read as UTF-8 JSON."},
     401: {"model": ErrorEnvelope, "description": "API keys are on and none valid was sent."},
     422: {
         "model": ErrorEnvelope,

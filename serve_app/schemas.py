@@ -14,12 +14,15 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     StringConstraints,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
 
 from serve_app.samplers import supported_samplers
 from serve_app.settings import get_settings
@@ -40,10 +43,18 @@ def _supported_sampler(name: str) -> str:
     return name
 
 
-SamplerName = Annotated[str, AfterValidator(_supported_sampler)]
+# The schema lists the names; the validator refuses others with a message that lists them too.
+SamplerName = Annotated[
+    str,
+    AfterValidator(_supported_sampler),
+    WithJsonSchema({"type": "string", "enum": supported_samplers()}),
+]
 Steps = Annotated[int, Field(ge=1, le=_limits.max_steps)]
 CfgScale = Annotated[float, Field(ge=1.0, le=_limits.max_cfg_scale)]
 ImageSide = Annotated[int, Field(ge=_limits.min_size, le=_limits.max_size, multiple_of=16)]
+
+
+_ANNOTATIONS = ("title", "description", "default", "examples")
 
 
 class _NullMeansDefault(BaseModel):
@@ -55,8 +66,28 @@ class _NullMeansDefault(BaseModel):
     @classmethod
     def _drop_nulls(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
+            # Unknown keys stay, null or not, for extra="forbid" to refuse them.
+            return {
+                key: value
+                for key, value in data.items()
+                if value is not None or key not in cls.model_fields
+            }
         return data
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        """Say in the schema what _drop_nulls does: every optional field also takes null."""
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        required = set(schema.get("required", []))
+        for name, field in schema.get("properties", {}).items():
+            variants = field.get("anyOf", [])
+            if name in required or {"type": "null"} in variants:
+                continue
+            outer = {key: field.pop(key) for key in _ANNOTATIONS if key in field}
+            schema["properties"][name] = {**outer, "anyOf": [field, {"type": "null"}]}
+        return schema
 
 
 class Diversity(_NullMeansDefault):
@@ -115,10 +146,19 @@ class GenerateRequest(_NullMeansDefault):
 
     prompt: Annotated[
         str,
-        StringConstraints(strip_whitespace=True, min_length=1, max_length=_limits.max_prompt_chars),
+        StringConstraints(
+            strip_whitespace=True,
+            min_length=1,
+            max_length=_limits.max_prompt_chars,
+            pattern=r"\S",  # not blank: what stripping and min_length mean, said in the schema
+        ),
     ] = Field(description="What to draw.", examples=["a red cat"])
     nof_images: int = Field(
-        16, ge=1, le=_limits.max_images, description="How many images to make.", examples=[16]
+        min(16, _limits.max_images),
+        ge=1,
+        le=_limits.max_images,
+        description="How many images to make.",
+        examples=[16],
     )
     gpus: int = Field(
         1,
@@ -139,6 +179,7 @@ class GenerateRequest(_NullMeansDefault):
     top_k: int | None = Field(
         None,
         ge=1,
+        le=_limits.max_images,
         description="Return only the K best images by score, best first (at most nof_images).",
         examples=[4],
     )

@@ -121,4 +121,13 @@ def test_openapi_schema_documents_every_field() -> None:
         schema = model.model_json_schema()
         for name, field in schema["properties"].items():
             assert field.get("description"), f"{model.__name__}.{name} has no description"
-    assert GenerateRequest.model_json_schema()["properties"]["nof_images"]["maximum"] == 64
+    nof_images = GenerateRequest.model_json_schema()["properties"]["nof_images"]
+    assert nof_images["anyOf"] == [
+        {"type": "integer", "minimum": 1, "maximum": 64},
+        {"type": "null"},
+    ]
+
+
+def test_an_unknown_field_is_refused_even_when_null() -> None:
+    error = error_of({"prompt": "x", "colour": None})
+    assert error["loc"] == ("colour",)

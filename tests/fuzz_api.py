@@ -1,0 +1,78 @@
+"""Fuzzing of the REST API from its own OpenAPI schema. test_fuzz_api.py runs this file in a
+process of its own, with small request limits so that every valid case generates quickly."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+from serve_app.http_api import create_app
+from serve_app.settings import ServiceSettings
+from serve_app.storage import LocalImageStore
+
+from .conftest import MakeService
+from .live_server import always_ready
+
+CASES_PER_MODE = int(os.environ.get("FUZZ_CASES_PER_MODE", "250"))
+
+
+@pytest.fixture(scope="module")
+def schema(
+    settings: ServiceSettings, make_service: MakeService, tmp_path_factory: pytest.TempPathFactory
+) -> schemathesis.BaseSchema:
+    store = LocalImageStore(tmp_path_factory.mktemp("fuzz-images"), public_base_url=None)
+    app = create_app(make_service(settings, store), always_ready)
+    return schemathesis.openapi.from_asgi("/openapi.json", app)
+
+
+@pytest.fixture(scope="module")
+def case_counter() -> Iterator[list[int]]:
+    count = [0]
+    yield count
+    Path(os.environ["FUZZ_COUNT_FILE"]).write_text(str(count[0]))
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "mode"),
+    [
+        ("/generate", "POST", GenerationMode.POSITIVE),
+        ("/generate", "POST", GenerationMode.NEGATIVE),
+        # /healthz takes no input that could be invalid.
+        ("/healthz", "GET", GenerationMode.POSITIVE),
+    ],
+)
+def test_no_server_error_and_every_answer_matches_the_schema(
+    schema: schemathesis.BaseSchema,
+    case_counter: list[int],
+    path: str,
+    method: str,
+    mode: GenerationMode,
+) -> None:
+    operation = schema[path][method]
+
+    @settings(
+        max_examples=CASES_PER_MODE if path == "/generate" else 10,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(data=st.data())
+    def run(data: st.DataObject) -> None:
+        case = data.draw(operation.as_strategy(mode))
+        case_counter[0] += 1
+        # "top_k at most nof_images" relates two fields, which JSON Schema can't say: schema-valid
+        # data may break it, and then only it. Every other check runs.
+        response = case.call_and_validate(excluded_checks=[positive_data_acceptance])
+        assert response.status_code < 500, response.text
+        if mode == GenerationMode.POSITIVE and response.status_code == 422:
+            assert response.json()["error"]["param"] == "top_k", response.text
+
+    run()
