@@ -412,3 +412,11 @@ def test_dockerfile_copies_only_what_the_build_context_keeps() -> None:
     for source in sources:
         assert (ROOT / source).exists(), f"COPY {source}: no such file"
         assert f"!{source}" in patterns or f"!{source}/" in patterns, f"{source} is ignored"
+
+
+@pytest.mark.parametrize("source", SERVE_CONFIGS)
+def test_a_request_may_fan_out_over_every_worker_replica_and_no_more(source: str) -> None:
+    config = SERVE_CONFIGS[source]()
+    env = app_env(config)
+    autoscaling = deployment(config, "FluxWorker")["autoscaling_config"]
+    assert int(env["FLUX_SERVE_MAX_GPUS_PER_REQUEST"]) == autoscaling["max_replicas"]
