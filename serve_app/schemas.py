@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     GetJsonSchemaHandler,
@@ -44,23 +45,39 @@ def _supported_sampler(name: str) -> str:
 
 
 # The schema lists the names; the validator refuses others with a message that lists them too.
+def _integral_number(value: Any) -> Any:
+    # JSON Schema counts 2.0 as an integer; strict validation alone would refuse it.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Bounds come before this validator, which wraps them: that way the JSON schema keeps them.
+_INTEGRAL = BeforeValidator(_integral_number)
+
+
 SamplerName = Annotated[
     str,
     AfterValidator(_supported_sampler),
     WithJsonSchema({"type": "string", "enum": supported_samplers()}),
 ]
-Steps = Annotated[int, Field(ge=1, le=_limits.max_steps)]
+Steps = Annotated[int, Field(ge=1, le=_limits.max_steps), _INTEGRAL]
 CfgScale = Annotated[float, Field(ge=1.0, le=_limits.max_cfg_scale)]
-ImageSide = Annotated[int, Field(ge=_limits.min_size, le=_limits.max_size, multiple_of=16)]
+ImageSide = Annotated[
+    int, Field(ge=_limits.min_size, le=_limits.max_size, multiple_of=16), _INTEGRAL
+]
 
 
 _ANNOTATIONS = ("title", "description", "default", "examples")
 
 
 class _NullMeansDefault(BaseModel):
-    """An explicit ``null`` means the default, as the original service's clients send it."""
+    """An explicit ``null`` means the default, as the original service's clients send it.
 
-    model_config = ConfigDict(extra="forbid")
+    Strict: JSON's types are kept apart (``false`` is no seed, ``"4"`` no step count).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -132,6 +149,7 @@ class GenerateRequest(_NullMeansDefault):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -153,17 +171,13 @@ class GenerateRequest(_NullMeansDefault):
             pattern=r"\S",  # not blank: what stripping and min_length mean, said in the schema
         ),
     ] = Field(description="What to draw.", examples=["a red cat"])
-    nof_images: int = Field(
+    nof_images: Annotated[int, Field(ge=1, le=_limits.max_images), _INTEGRAL] = Field(
         min(16, _limits.max_images),
-        ge=1,
-        le=_limits.max_images,
         description="How many images to make.",
         examples=[16],
     )
-    gpus: int = Field(
+    gpus: Annotated[int, Field(ge=1, le=_limits.max_gpus_per_request), _INTEGRAL] = Field(
         1,
-        ge=1,
-        le=_limits.max_gpus_per_request,
         description="How many FluxWorker replicas may work on this request at once.",
         examples=[1],
     )
@@ -176,10 +190,8 @@ class GenerateRequest(_NullMeansDefault):
         description="Answer with server-sent events: one per image as soon as it is stored, then "
         "the full response.",
     )
-    top_k: int | None = Field(
+    top_k: Annotated[int, Field(ge=1, le=_limits.max_images), _INTEGRAL] | None = Field(
         None,
-        ge=1,
-        le=_limits.max_images,
         description="Return only the K best images by score, best first (at most nof_images).",
         examples=[4],
     )
@@ -194,10 +206,8 @@ class GenerateRequest(_NullMeansDefault):
         max_length=_limits.max_prompt_chars,
         description="What to steer away from; used where cfg_scale runs true guidance.",
     )
-    base_seed: int | None = Field(
+    base_seed: Annotated[int, Field(ge=0, le=MAX_SEED), _INTEGRAL] | None = Field(
         None,
-        ge=0,
-        le=MAX_SEED,
         description="Seed of 'fixed' and 'mix' seeding. Unset: 0.",
         examples=[0],
     )

@@ -131,3 +131,36 @@ def test_openapi_schema_documents_every_field() -> None:
 def test_an_unknown_field_is_refused_even_when_null() -> None:
     error = error_of({"prompt": "x", "colour": None})
     assert error["loc"] == ("colour",)
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        pytest.param({"prompt": "x", "base_seed": False}, "base_seed", id="bool-for-int"),
+        pytest.param({"prompt": "x", "nof_images": "4"}, "nof_images", id="string-for-int"),
+        pytest.param({"prompt": "x", "stream": "true"}, "stream", id="string-for-bool"),
+        pytest.param({"prompt": 5}, "prompt", id="number-for-string"),
+    ],
+)
+def test_json_types_are_not_coerced(payload: dict[str, object], param: str) -> None:
+    assert ".".join(str(part) for part in error_of(payload)["loc"]) == param  # type: ignore[attr-defined]
+
+
+def test_floats_take_integers() -> None:
+    parsed = GenerateRequest.model_validate({"prompt": "x", "diversity": {"cfg_scales": [2]}})
+    assert parsed.diversity.cfg_scales == [2.0]
+
+
+def test_integral_numbers_count_as_integers_as_in_json_schema() -> None:
+    parsed = GenerateRequest.model_validate({"prompt": "x", "nof_images": 4.0, "gpus": 1.0})
+    assert (parsed.nof_images, parsed.gpus) == (4, 1)
+    assert error_of({"prompt": "x", "nof_images": 4.5})["loc"] == ("nof_images",)
+
+
+def test_every_bound_is_in_the_json_schema() -> None:
+    from serve_app.schemas import Diversity
+
+    width = GenerateRequest.model_json_schema()["properties"]["width"]["anyOf"][0]
+    assert {"minimum", "maximum", "multipleOf"} <= width.keys()
+    steps = Diversity.model_json_schema()["properties"]["nof_steps"]["anyOf"][0]["items"]
+    assert {"minimum", "maximum"} <= steps.keys()
