@@ -15,7 +15,7 @@ from serve_app.settings import get_settings
 
 
 # Defaults for one CPU machine; config/serve.yaml and the RayService manifest set the real values.
-@serve.deployment(ray_actor_options={"num_cpus": 0.5, "num_gpus": 0}, max_ongoing_requests=2)
+@serve.deployment(ray_actor_options={"num_cpus": 0.5, "num_gpus": 0}, max_ongoing_requests=1)
 class FluxWorker:
     """Makes the images of sampling jobs, batch by batch."""
 

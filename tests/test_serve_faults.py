@@ -55,6 +55,44 @@ def fault_app(
         serve.delete("faults")
 
 
+def images_by_replica(metrics_url: str) -> dict[str, float]:
+    """Images generated so far by each FluxWorker replica of the fault application."""
+    counts = {}
+    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
+        if line.startswith("ray_flux_images_generated_total{") and 'application="faults"' in line:
+            labels, _, value = line.rpartition(" ")
+            replica = labels.split('replica="', 1)[1].split('"', 1)[0]
+            counts[replica] = counts.get(replica, 0.0) + float(value)
+    return counts
+
+
+def test_gpus_spreads_a_request_over_distinct_replicas(
+    serve_cluster: ServeCluster, fault_app: tuple[str, Path]
+) -> None:
+    url, _ = fault_app
+    # Metrics are exported once a second: wait until earlier counts have settled.
+    before: dict[str, float] = {}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        current = images_by_replica(serve_cluster.metrics_url)
+        if current == before and current:
+            break
+        before = current
+        time.sleep(1.5)
+    payload = {"prompt": "a red cat", "nof_images": 8, "gpus": 2, "width": 64, "height": 64}
+    assert httpx.post(f"{url}/generate", json=payload, timeout=120).status_code == 200
+    deadline = time.monotonic() + 60
+    grown: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        after = images_by_replica(serve_cluster.metrics_url)
+        grown = {r: n - before.get(r, 0.0) for r, n in after.items() if n > before.get(r, 0.0)}
+        if sum(grown.values()) >= 8:
+            break
+        time.sleep(1)
+    # Two shards of four jobs, each on its own replica.
+    assert sorted(grown.values()) == [4.0, 4.0], grown
+
+
 def kill_a_replica(deployment: str) -> str:
     import ray
 
