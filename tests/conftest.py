@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import httpx
 import pytest
 import yaml
 
@@ -25,6 +20,7 @@ os.environ.setdefault("FLUX_SERVE_DEFAULT_HEIGHT", "128")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from deployments.local_cluster import deploy, free_port, wait_until_ready  # noqa: E402
 from serve_app.generation import FluxGenerator, RenderedImage, render_stream  # noqa: E402
 from serve_app.http_api import create_app  # noqa: E402
 from serve_app.planning import SamplingJob  # noqa: E402
@@ -103,12 +99,6 @@ class ServeCluster:
     metrics_url: str
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def serve_config_for_tests(http_port: int, storage_dir: Path) -> dict[str, Any]:
     """config/serve.yaml as shipped, with a free port and the test session's folders."""
     config = yaml.safe_load((ROOT / "config" / "serve.yaml").read_text())
@@ -149,19 +139,7 @@ def serve_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeClu
         _metrics_export_port=metrics_port,
     )
     try:
-        subprocess.run(
-            [
-                str(Path(sys.executable).with_name("serve")),
-                "run",
-                "--non-blocking",
-                "--address",
-                context.address_info["gcs_address"],
-                str(config_path),
-            ],
-            cwd=ROOT,
-            check=True,
-            timeout=120,
-        )
+        deploy(config_path, context.address_info["gcs_address"], ROOT)
         url = f"http://127.0.0.1:{port}"
         wait_until_ready(url, timeout_s=240)
         yield ServeCluster(
@@ -172,21 +150,6 @@ def serve_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeClu
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-def wait_until_ready(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            response = httpx.get(f"{url}/healthz", timeout=5)
-            if response.status_code == 200:
-                return
-            last = response.text
-        except httpx.HTTPError as error:
-            last = repr(error)
-        time.sleep(1)
-    raise TimeoutError(f"the application at {url} did not become ready: {last}")
 
 
 @pytest.fixture

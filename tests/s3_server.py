@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,11 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
+from deployments.local_cluster import free_port
+
 ACCESS_KEY = "flux-test-key"
 SECRET_KEY = "flux-test-secret"
 REGION = "us-east-1"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
@@ -32,7 +27,7 @@ class SeaweedS3:
     """One ``weed mini`` process; it can be stopped and started again on the same data."""
 
     folder: Path
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
 
     @property
