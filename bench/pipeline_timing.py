@@ -1,0 +1,74 @@
+"""Times the raw FluxPipeline in this process, called exactly as the service's workers call it."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Sequence
+
+import torch
+
+from bench.stats import median
+from bench.workload import Workload
+from serve_app.generation import FluxGenerator, batches
+from serve_app.planning import SamplingJob
+from serve_app.samplers import make_scheduler
+from serve_app.settings import ServiceSettings
+
+
+class PipelineTimer:
+    """Makes a workload's images with the pipeline alone: no encoding, scoring or storage."""
+
+    def __init__(self, generator: FluxGenerator) -> None:
+        self.generator = generator
+        self._scheduler_config = dict(generator.pipeline.scheduler.config)
+
+    def call(self, batch: list[SamplingJob]) -> None:
+        """One pipeline call, with the arguments and fresh scheduler of FluxGenerator.render."""
+        arguments = self.generator.pipeline_arguments(batch)
+        with torch.inference_mode():
+            self.generator.pipeline.scheduler = make_scheduler(
+                batch[0].params.sampler, self._scheduler_config
+            )
+            self.generator.pipeline(**arguments)
+        if self.generator.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def pass_seconds(self, jobs: list[SamplingJob], batch_size: int) -> float:
+        """Seconds to make every job, ``batch_size`` images per call (1: a loop over images)."""
+        started = time.perf_counter()
+        for batch in batches(jobs, batch_size):
+            self.call(batch)
+        return time.perf_counter() - started
+
+
+def sweep_batch_sizes(
+    timer: PipelineTimer, workload: Workload, batch_sizes: Sequence[int], repeats: int
+) -> dict[int, float]:
+    """Median images/s of each batch size over ``repeats`` passes.
+
+    The repeats go round the batch sizes in turn, so that load from elsewhere on the machine falls
+    on all of them alike rather than on whichever ran during a busy minute.
+    """
+    jobs = workload.jobs(timer.generator.settings)
+    for size in batch_sizes:  # warm-up: lazy initialization and allocator growth per shape
+        timer.call(jobs[:size])
+    rates: dict[int, list[float]] = {size: [] for size in batch_sizes}
+    for _ in range(repeats):
+        for size in batch_sizes:
+            rates[size].append(len(jobs) / timer.pass_seconds(jobs, size))
+    return {size: median(values) for size, values in rates.items()}
+
+
+def measure_pipeline(
+    settings: ServiceSettings, workload: Workload, batch_sizes: Sequence[int], repeats: int
+) -> dict[int, float]:
+    """Load the service's own generator for ``settings``, sweep, and free the memory again."""
+    timer = PipelineTimer(FluxGenerator(settings))
+    rates = sweep_batch_sizes(timer, workload, batch_sizes, repeats)
+    # The service loads its own copy next: give back this one's host and GPU memory first.
+    del timer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rates

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs the throughput benchmark: bench/run.sh --preset small [--markdown PATH] [...]
+#
+# As root it runs inside a private network namespace that has only loopback, so that the Ray
+# instance the benchmark starts keeps all its traffic on 127.0.0.1 (Ray otherwise picks a
+# non-loopback address and binds some ports on all interfaces). Otherwise it runs directly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=.venv/bin/python
+
+if [[ $(id -u) -ne 0 ]]; then
+    exec "$python" -m bench.throughput "$@"
+fi
+
+namespace="flux-bench-$$"
+ip netns add "$namespace"
+trap 'ip netns delete "$namespace"' EXIT
+ip netns exec "$namespace" ip link set lo up
+ip netns exec "$namespace" "$python" -m bench.throughput "$@"

@@ -1,0 +1,137 @@
+"""Times the service end to end over HTTP: streamed requests from concurrent clients."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from bench.cluster import RunningService
+from bench.stats import median, percentile
+from bench.workload import Workload
+from serve_app.client import aread_events
+
+_TIMEOUT = httpx.Timeout(1800.0, connect=10.0)
+
+
+class ServiceError(RuntimeError):
+    """The service refused or failed a benchmark request."""
+
+
+@dataclass(frozen=True)
+class RequestTiming:
+    """One streamed request: when its first image and its result arrived, from sending it."""
+
+    first_image_s: float
+    latency_s: float
+    images: int
+
+
+@dataclass(frozen=True)
+class ServiceFigures:
+    """The service at one concurrency: throughput (median of repeats) and pooled latencies."""
+
+    concurrency: int
+    images_per_s: float
+    latency_p50_s: float
+    latency_p95_s: float
+    first_image_p50_s: float
+    first_image_p95_s: float
+    requests: int
+    worker_replicas: tuple[int | None, int | None]
+    """FluxWorker replicas running when the timed rounds started and when they ended."""
+
+
+async def timed_request(client: httpx.AsyncClient, body: dict[str, Any]) -> RequestTiming:
+    """Send one ``stream: true`` request and time its first ``image`` event and its ``result``."""
+    started = time.perf_counter()
+    first_image_s: float | None = None
+    images = 0
+    async with client.stream("POST", "/generate", json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            raise ServiceError(f"POST /generate answered {response.status_code}: {response.text}")
+        async for event in aread_events(response.aiter_lines()):
+            if event.event == "image":
+                images += 1
+                if first_image_s is None:
+                    first_image_s = time.perf_counter() - started
+            elif event.event == "result":
+                break
+            elif event.event == "error":
+                raise ServiceError(f"the stream failed: {event.data}")
+        else:
+            raise ServiceError("the stream ended without a result event")
+    latency_s = time.perf_counter() - started
+    if first_image_s is None or images != body["nof_images"]:
+        raise ServiceError(f"expected {body['nof_images']} image events, got {images}")
+    return RequestTiming(first_image_s=first_image_s, latency_s=latency_s, images=images)
+
+
+async def load_round(
+    client: httpx.AsyncClient, body: dict[str, Any], concurrency: int, requests_per_client: int
+) -> tuple[float, list[RequestTiming]]:
+    """``concurrency`` clients, each sending requests back to back: wall seconds and timings."""
+
+    async def one_client() -> list[RequestTiming]:
+        return [await timed_request(client, body) for _ in range(requests_per_client)]
+
+    started = time.perf_counter()
+    per_client = await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    wall_s = time.perf_counter() - started
+    return wall_s, [timing for timings in per_client for timing in timings]
+
+
+async def _rounds(
+    url: str, body: dict[str, Any], concurrency: int, repeats: int, requests_per_client: int
+) -> tuple[list[float], list[RequestTiming]]:
+    """Images/s of each round, and the timings of all its requests."""
+    async with httpx.AsyncClient(base_url=url, timeout=_TIMEOUT, trust_env=False) as client:
+        rates: list[float] = []
+        timings: list[RequestTiming] = []
+        for _ in range(repeats):
+            wall_s, round_timings = await load_round(client, body, concurrency, requests_per_client)
+            rates.append(sum(timing.images for timing in round_timings) / wall_s)
+            timings.extend(round_timings)
+    return rates, timings
+
+
+def measure_service(
+    service: RunningService,
+    workload: Workload,
+    concurrencies: Sequence[int],
+    repeats: int,
+    requests_per_client: int,
+) -> list[ServiceFigures]:
+    """Figures at each concurrency, in the order given.
+
+    One untimed round of one request per client comes first: it warms every path and shows the
+    autoscaler the new load. Replicas are counted when the timed rounds start and end.
+    """
+    body = workload.request_body(stream=True)
+    figures = []
+    for concurrency in concurrencies:
+        asyncio.run(_rounds(service.url, body, concurrency, 1, 1))
+        replicas_at_start = service.worker_replicas()
+        rates, timings = asyncio.run(
+            _rounds(service.url, body, concurrency, repeats, requests_per_client)
+        )
+        latencies = [timing.latency_s for timing in timings]
+        first_images = [timing.first_image_s for timing in timings]
+        figures.append(
+            ServiceFigures(
+                concurrency=concurrency,
+                images_per_s=median(rates),
+                latency_p50_s=percentile(latencies, 0.5),
+                latency_p95_s=percentile(latencies, 0.95),
+                first_image_p50_s=percentile(first_images, 0.5),
+                first_image_p95_s=percentile(first_images, 0.95),
+                requests=len(timings),
+                worker_replicas=(replicas_at_start, service.worker_replicas()),
+            )
+        )
+    return figures

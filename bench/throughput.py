@@ -1,0 +1,149 @@
+"""Throughput benchmark: the raw pipeline's floor, the per-image loop and the service, side by side.
+
+    .venv/bin/python -m bench.throughput --preset tiny
+    bench/run.sh --preset small --markdown results.md   # in a private network namespace as root
+
+1. the raw FluxPipeline in this process at batch sizes 1, 2, 4 and 8 (batch 1 is the original
+   design's loop of one call per image), called as the service's workers call it;
+2. the service over HTTP (plan, generate, score, store) on its own Ray instance, with the best
+   batch size as FLUX_SERVE_MAX_BATCH_SIZE, at each concurrency: images/s, request latency and
+   the arrival of the first streamed image.
+
+Every measurement makes the same images: one request's jobs, with the service's default seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from bench.cluster import ServiceSetup, running_service
+from bench.pipeline_timing import measure_pipeline
+from bench.presets import PRESETS, ensure_preset, shortfall
+from bench.report import Results, best_batch_size, to_markdown, to_text
+from bench.service_timing import measure_service
+from bench.workload import Workload
+from serve_app.model_sources import select_device, select_dtype
+from serve_app.settings import ServiceSettings, get_settings
+from serve_app.tiny_models import TINY_CLIP_NAME, ensure_tiny_model
+
+logger = logging.getLogger("bench")
+
+
+def _counts(text: str) -> list[int]:
+    values = [int(part) for part in text.split(",") if part.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,2,4, got {text!r}")
+    return values
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.throughput", description=__doc__.split("\n", 1)[0]
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size")
+    parser.add_argument("--size", type=int, default=256, help="image width and height")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps (euler)")
+    parser.add_argument("--images", type=int, default=16, help="images per request and per pass")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of each measurement")
+    parser.add_argument(
+        "--batch-sizes", type=_counts, default=[1, 2, 4, 8], help="raw pipeline batch sizes"
+    )
+    parser.add_argument(
+        "--concurrency", type=_counts, default=[1, 4], help="concurrent clients of the service"
+    )
+    parser.add_argument(
+        "--requests-per-client", type=int, default=2, help="requests each client sends per repeat"
+    )
+    parser.add_argument(
+        "--prompt", default="a photo of a red cat in the city", help="the prompt of every image"
+    )
+    parser.add_argument(
+        "--ray-cpus", type=int, default=8, help="logical CPUs of the benchmark's Ray instance"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where presets are built (FLUX_SERVE_CACHE_DIR)",
+    )
+    parser.add_argument("--markdown", type=Path, default=None, help="also write Markdown here")
+    args = parser.parse_args(argv)
+    if 1 not in args.batch_sizes:
+        args.batch_sizes.insert(0, 1)  # the per-image loop is always measured
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; 2 when the preset cannot run on this machine."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args = parse_args(argv)
+    # Others' work on a shared machine moves the figures: say how busy it was before we began.
+    machine = f"{os.cpu_count()} CPUs, 1-minute load average {os.getloadavg()[0]:.2f} at the start"
+    preset = PRESETS[args.preset]
+    cache_dir: Path = args.cache_dir or get_settings().cache_dir
+    workload = Workload(prompt=args.prompt, images=args.images, size=args.size, steps=args.steps)
+    settings = ServiceSettings(
+        cache_dir=cache_dir,
+        default_width=args.size,
+        default_height=args.size,
+        max_batch_size=max(args.batch_sizes),
+        warmup=False,
+    )
+    device = select_device(settings)
+    dtype = select_dtype(settings, device)
+    problem = shortfall(preset, device, dtype, cache_dir)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    logger.info("preset %s: building or reusing it under %s", preset.name, cache_dir)
+    model = ensure_preset(preset, cache_dir)
+    ensure_tiny_model(TINY_CLIP_NAME, cache_dir)  # the service's scorer, built before replicas race
+    settings = settings.model_copy(update={"model": str(model)})
+
+    logger.info("raw pipeline: batch sizes %s, %d repeats", args.batch_sizes, args.repeats)
+    batch_rates = measure_pipeline(settings, workload, args.batch_sizes, args.repeats)
+    best = best_batch_size(batch_rates)
+    threads = f", {torch.get_num_threads()} torch threads" if device.type == "cpu" else ""
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+
+    setup = ServiceSetup(
+        model=model,
+        cache_dir=cache_dir,
+        size=args.size,
+        max_batch_size=best,
+        ray_cpus=args.ray_cpus,
+        gpus=torch.cuda.device_count(),
+    )
+    logger.info("service: max batch size %d, concurrency %s", best, args.concurrency)
+    with running_service(setup) as service:
+        figures = measure_service(
+            service, workload, args.concurrency, args.repeats, args.requests_per_client
+        )
+    results = Results(
+        preset=preset.name,
+        preset_description=preset.description,
+        workload=workload,
+        repeats=args.repeats,
+        pipeline_device=f"{device.type}{gpu}, {str(dtype).removeprefix('torch.')}{threads}",
+        batch_rates=batch_rates,
+        service=figures,
+        service_batch_size=best,
+        machine=machine,
+    )
+    print(to_text(results))
+    if args.markdown:
+        args.markdown.write_text(to_markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

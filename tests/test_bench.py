@@ -1,0 +1,253 @@
+"""The throughput benchmark's parts that need no cluster and no timing: presets, plan, statistics,
+request timing against a scripted stream, the Serve config it deploys, and the report."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from bench import presets
+from bench.cluster import WORKER_DEPLOYMENT, ServiceSetup, serve_config
+from bench.report import Results, Target, best_batch_size, replica_note, to_markdown, to_text
+from bench.service_timing import RequestTiming, ServiceError, ServiceFigures, timed_request
+from bench.stats import median, percentile
+from bench.workload import Workload
+from serve_app.settings import ServiceSettings
+
+WORKLOAD = Workload(prompt="a red cat", images=16, size=256, steps=4)
+
+
+def test_small_preset_is_a_loadable_flux_pipeline_of_millions_of_parameters(tmp_path: Path) -> None:
+    from diffusers import FluxPipeline
+
+    folder = presets.build_preset(presets.PRESETS["small"], tmp_path / "small")
+    pipeline = FluxPipeline.from_pretrained(folder)
+    config = pipeline.transformer.config
+    assert (config.attention_head_dim, config.num_attention_heads) == (64, 4)
+    assert config.joint_attention_dim == pipeline.text_encoder_2.config.d_model
+    assert config.pooled_projection_dim == pipeline.text_encoder.config.hidden_size
+    parameters = sum(parameter.numel() for parameter in pipeline.transformer.parameters())
+    assert 3_000_000 < parameters < 20_000_000
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline(
+        "a red cat", num_inference_steps=1, width=64, height=64, max_sequence_length=16
+    ).images[0]
+    assert image.size == (64, 64)
+
+
+def test_full_preset_has_flux_schnell_architecture() -> None:
+    with torch.device("meta"):
+        pipeline = presets.build_pipeline(presets.PRESETS["full"])
+    transformer = pipeline.transformer.config
+    assert (transformer.num_layers, transformer.num_single_layers) == (19, 38)
+    assert transformer.num_attention_heads * transformer.attention_head_dim == 3072
+    assert transformer.guidance_embeds is False
+    assert transformer.joint_attention_dim == pipeline.text_encoder_2.config.d_model == 4096
+    assert transformer.pooled_projection_dim == pipeline.text_encoder.config.hidden_size == 768
+    assert pipeline.vae.config.latent_channels * 4 == transformer.in_channels
+    assert pipeline.vae_scale_factor == 8
+    assert pipeline.transformer.dtype == torch.bfloat16
+    counts = presets.parameter_counts(presets.PRESETS["full"])
+    assert 11.5e9 < counts["transformer"] < 12.5e9
+    assert 4.5e9 < counts["text_encoder_2"] < 5.0e9
+
+
+def test_full_preset_explains_why_it_cannot_run_on_a_small_cpu_machine(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(presets, "available_memory_bytes", lambda: 24 * 2**30)
+    cpu = torch.device("cpu")
+    message = presets.shortfall(presets.PRESETS["full"], cpu, torch.float32, tmp_path)
+    assert message is not None
+    assert "'full'" in message
+    assert "GiB of memory" in message
+    assert presets.shortfall(presets.PRESETS["small"], cpu, torch.float32, tmp_path) is None
+
+
+def test_workload_plans_the_services_jobs() -> None:
+    jobs = WORKLOAD.jobs(ServiceSettings(default_width=128, default_height=128))
+    assert len(jobs) == 16
+    assert len({job.batch_key() for job in jobs}) == 1  # one pipeline call can make any batch
+    assert len({job.params.seed for job in jobs}) == 16
+    assert {(job.params.width, job.params.steps, job.params.sampler) for job in jobs} == {
+        (256, 4, "euler")
+    }
+
+
+@pytest.mark.parametrize(
+    ("values", "fraction", "expected"),
+    [
+        ([3.0], 0.95, 3.0),
+        ([4.0, 1.0, 3.0, 2.0], 0.5, 2.5),
+        ([float(value) for value in range(1, 21)], 0.95, 19.05),
+        ([5.0, 1.0, 9.0], 0.0, 1.0),
+        ([5.0, 1.0, 9.0], 1.0, 9.0),
+    ],
+    ids=["single", "even-median", "p95", "min", "max"],
+)
+def test_percentile(values: list[float], fraction: float, expected: float) -> None:
+    assert percentile(values, fraction) == pytest.approx(expected)
+
+
+def test_median_of_nothing_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no values"):
+        median([])
+
+
+def test_best_batch_size_takes_the_fastest_and_the_smaller_on_a_tie() -> None:
+    assert best_batch_size({1: 5.0, 2: 7.0, 4: 9.0, 8: 8.0}) == 4
+    assert best_batch_size({8: 9.0, 4: 9.0, 1: 2.0}) == 4
+
+
+def sse(*events: tuple[str, dict[str, object]]) -> bytes:
+    return "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events).encode()
+
+
+def time_scripted(body: bytes, status: int = 200) -> RequestTiming:
+    """Time one request against a server that answers ``body`` at once."""
+    transport = httpx.MockTransport(lambda _: httpx.Response(status, content=body))
+
+    async def run() -> RequestTiming:
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+            return await timed_request(client, WORKLOAD.request_body(stream=True))
+
+    return asyncio.run(run())
+
+
+def test_timed_request_counts_streamed_images() -> None:
+    images: list[tuple[str, dict[str, object]]] = [("image", {"index": i}) for i in range(16)]
+    timing = time_scripted(sse(*images, ("result", {"count": 16})))
+    assert timing.images == 16
+    assert 0 < timing.first_image_s <= timing.latency_s
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (sse(("image", {}), ("error", {"error": {"type": "storage"}})), 200, "stream failed"),
+        (sse(("image", {})), 200, "without a result"),
+        (sse(("image", {}), ("result", {})), 200, "expected 16 image events, got 1"),
+        (b'{"error": {"type": "invalid_request"}}', 422, "answered 422"),
+    ],
+    ids=["error-event", "cut-short", "missing-images", "refused"],
+)
+def test_timed_request_fails_loudly(body: bytes, status: int, message: str) -> None:
+    with pytest.raises(ServiceError, match=message):
+        time_scripted(body, status)
+
+
+def setup(gpus: int) -> ServiceSetup:
+    return ServiceSetup(
+        model=Path("/models/small"),
+        cache_dir=Path("/cache"),
+        size=256,
+        max_batch_size=8,
+        ray_cpus=8,
+        gpus=gpus,
+    )
+
+
+def test_serve_config_changes_only_the_benchmarks_settings(tmp_path: Path) -> None:
+    config = serve_config(setup(gpus=0), 18123, tmp_path / "images")
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 18123}
+    (application,) = config["applications"]
+    env = application["runtime_env"]["env_vars"]
+    assert env["FLUX_SERVE_MODEL"] == "/models/small"
+    assert env["FLUX_SERVE_MAX_BATCH_SIZE"] == "8"
+    assert env["FLUX_SERVE_DEFAULT_WIDTH"] == env["FLUX_SERVE_DEFAULT_HEIGHT"] == "256"
+    assert env["FLUX_SERVE_STORAGE_DIR"] == str(tmp_path / "images")
+    assert env["FLUX_SERVE_SCORER_MODEL"] == "tiny"  # kept as shipped
+    names = [deployment["name"] for deployment in application["deployments"]]
+    assert WORKER_DEPLOYMENT in names
+
+
+def test_serve_config_gives_each_worker_a_gpu_where_there_are_gpus(tmp_path: Path) -> None:
+    config = serve_config(setup(gpus=1), 18123, tmp_path)
+    (worker,) = [
+        deployment
+        for deployment in config["applications"][0]["deployments"]
+        if deployment["name"] == WORKER_DEPLOYMENT
+    ]
+    assert worker["ray_actor_options"]["num_gpus"] == 1
+    if "autoscaling_config" in worker:
+        assert worker["autoscaling_config"]["max_replicas"] == 1
+
+
+def figures(concurrency: int, images_per_s: float, replicas: tuple[int, int]) -> ServiceFigures:
+    return ServiceFigures(
+        concurrency=concurrency,
+        images_per_s=images_per_s,
+        latency_p50_s=2.0,
+        latency_p95_s=2.5,
+        first_image_p50_s=0.6,
+        first_image_p95_s=0.8,
+        requests=6,
+        worker_replicas=replicas,
+    )
+
+
+RESULTS = Results(
+    preset="small",
+    preset_description="a test model",
+    workload=WORKLOAD,
+    repeats=3,
+    pipeline_device="cpu, float32, 2 torch threads",
+    batch_rates={1: 4.0, 2: 4.4, 4: 5.0, 8: 4.8},
+    service=[figures(1, 3.0, (1, 1)), figures(4, 4.5, (1, 2))],
+    service_batch_size=4,
+    machine="2 CPUs, 1-minute load average 0.10 at the start",
+)
+
+
+def test_ratios_against_the_presets_targets() -> None:
+    ratios = {ratio.name: ratio for ratio in RESULTS.ratios()}
+    assert RESULTS.floor == 5.0
+    assert ratios["batched / per-image"].value == pytest.approx(1.25)
+    assert ratios["batched / per-image"].verdict == "met"  # small: never slower than the loop
+    assert ratios["service c1 / floor"].value == pytest.approx(0.6)
+    assert ratios["service c1 / floor"].verdict == ""  # no target
+    assert ratios["service c4 / floor"].value == pytest.approx(0.9)
+    assert ratios["service c4 / floor"].verdict == "met"
+    assert ratios["first image / latency (p50), c4"].value == pytest.approx(0.3)
+    assert Target(0.5, at_most=True).met_by(0.5)
+    assert not Target(0.85).met_by(0.84)
+
+
+def test_text_report_has_every_measurement_and_ratio() -> None:
+    text = to_text(RESULTS)
+    assert "raw pipeline, batch 1 (per-image loop, the original design)" in text
+    assert "raw pipeline, batch 4 (floor)" in text
+    assert "service, concurrency 4 (1 -> 2 worker replicas)" in text
+    assert "medians of 3 repeats" in text
+    assert "FLUX_SERVE_MAX_BATCH_SIZE is 4" in text
+    assert "load average 0.10" in text
+    lines = text.splitlines()
+    floor_line = next(line for line in lines if "(floor)" in line)
+    assert floor_line.split()[-1] == "5.00"
+
+
+def test_markdown_report_is_well_formed_tables() -> None:
+    table_lines = [line for line in to_markdown(RESULTS).splitlines() if line.startswith("|")]
+    assert len(table_lines) == (2 + 4 + 2) + (2 + 5)
+    for line in table_lines:
+        assert line.endswith("|")
+    assert "| service c4 / floor | 0.900 | >= 0.85 | met |" in table_lines
+
+
+@pytest.mark.parametrize(
+    ("replicas", "note"),
+    [
+        ((1, 1), "1 worker replica"),
+        ((2, 2), "2 worker replicas"),
+        ((1, 2), "1 -> 2 worker replicas"),
+        ((None, 1), ""),
+    ],
+    ids=["one", "two", "scaled", "unknown"],
+)
+def test_replica_note(replicas: tuple[int | None, int | None], note: str) -> None:
+    assert replica_note(replicas) == note
