@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -175,3 +176,31 @@ def test_metrics_reach_prometheus_after_real_requests(serve_cluster: ServeCluste
     assert not missing, f"metrics never exported: {missing}"
     assert "a red cat" not in text  # no prompt in any label
     assert 'deployment="FluxWorker"' in text
+
+
+def test_logs_are_json_lines_that_carry_the_request_id(serve_cluster: ServeCluster) -> None:
+    import json
+
+    import ray
+
+    request_id = "log-check-4711"
+    response = httpx.post(
+        f"{serve_cluster.url}/generate",
+        json={"prompt": "a secret prompt", "nof_images": 1, "width": 64, "height": 64},
+        headers={"X-Request-Id": request_id},
+        timeout=120,
+    )
+    assert response.headers["X-Request-Id"] == request_id
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    deadline = time.monotonic() + 30
+    records: list[dict[str, object]] = []
+    while not records and time.monotonic() < deadline:
+        for path in logs.glob("replica_flux_Ingress_*.log"):
+            for line in path.read_text().splitlines():
+                if request_id in line:
+                    records.append(json.loads(line))
+        time.sleep(0.5)
+    assert records, "no log line carries the request id"
+    assert all(record["request_id"] == request_id for record in records)
+    # Prompts are logged at debug level only: not at the configured INFO level.
+    assert not any("a secret prompt" in str(record) for record in records)
