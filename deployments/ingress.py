@@ -57,7 +57,8 @@ class Ingress:
         self.service = GenerationService(settings, self._render, self._score, store, RayTelemetry())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_app(self.service, self._readiness)
+        # Ray Serve's proxy already puts X-Request-Id (the client's, or its own) on every answer.
+        return create_app(self.service, self._readiness, echo_request_id=False)
 
     async def _render(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
         with replica_faults("FluxWorker"):

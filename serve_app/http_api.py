@@ -104,8 +104,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_app(service: GenerationService, readiness: CheckReadiness) -> FastAPI:
-    """The FastAPI application of the ingress."""
+def create_app(
+    service: GenerationService, readiness: CheckReadiness, *, echo_request_id: bool = True
+) -> FastAPI:
+    """The FastAPI application of the ingress; ``echo_request_id`` puts X-Request-Id on every
+    response (leave it to a proxy that does so already)."""
     app = FastAPI(
         title="flux-serve",
         summary="Text to images with FLUX.1, ranked and stored.",
@@ -116,7 +119,7 @@ def create_app(service: GenerationService, readiness: CheckReadiness) -> FastAPI
     # The last one added runs first: ids for every answer, the size limit before any parsing.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(OutcomeMiddleware, telemetry=service.telemetry, path="/generate")
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
     authenticated = [Depends(api_key_guard(settings.api_keys))]
     admission = Admission(settings.max_concurrent_requests)
 

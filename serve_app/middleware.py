@@ -25,10 +25,12 @@ def request_id_from(header: str | None) -> str:
 
 class RequestIdMiddleware:
     """Gives every HTTP request an id (the client's X-Request-Id when usable), puts it in
-    ``request.state.request_id`` and on the response. Skips websocket and lifespan scopes."""
+    ``request.state.request_id`` and, with ``echo``, on the response. Skips websocket and
+    lifespan scopes. Behind Ray Serve's proxy, which sets the header itself, ``echo`` is off."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, echo: bool = True) -> None:
         self.app = app
+        self.echo = echo
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -39,7 +41,7 @@ class RequestIdMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if self.echo and message["type"] == "http.response.start":
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
             await send(message)
 
