@@ -10,9 +10,8 @@ import torch
 
 from bench.stats import median
 from bench.workload import Workload
-from serve_app.generation import FluxGenerator, batches
+from serve_app.generation import FluxGenerator
 from serve_app.planning import SamplingJob
-from serve_app.samplers import make_scheduler
 from serve_app.settings import ServiceSettings
 
 
@@ -21,24 +20,18 @@ class PipelineTimer:
 
     def __init__(self, generator: FluxGenerator) -> None:
         self.generator = generator
-        self._scheduler_config = dict(generator.pipeline.scheduler.config)
 
     def call(self, batch: list[SamplingJob]) -> None:
-        """One pipeline call, with the arguments and fresh scheduler of FluxGenerator.render."""
-        arguments = self.generator.pipeline_arguments(batch)
-        with torch.inference_mode():
-            self.generator.pipeline.scheduler = make_scheduler(
-                batch[0].params.sampler, self._scheduler_config
-            )
-            self.generator.pipeline(**arguments)
-        if self.generator.device.type == "cuda":
-            torch.cuda.synchronize()
+        """One pipeline call, exactly as a FluxWorker makes it (its images come back as PIL
+        images, so the GPU has finished when it returns)."""
+        self.generator.sample(batch)
 
     def pass_seconds(self, jobs: list[SamplingJob], batch_size: int) -> float:
         """Seconds to make every job, ``batch_size`` images per call (1: a loop over images)."""
         started = time.perf_counter()
-        for batch in batches(jobs, batch_size):
-            self.call(batch)
+        # A workload's jobs share one batch key (Workload.jobs): any slice is one pipeline call.
+        for start in range(0, len(jobs), batch_size):
+            self.call(jobs[start : start + batch_size])
         return time.perf_counter() - started
 
 

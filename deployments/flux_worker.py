@@ -3,29 +3,49 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 
 from ray import serve
 
 from deployments.telemetry import RayTelemetry
-from serve_app.generation import FluxGenerator, RenderedImage, render_stream
+from serve_app.generation import FluxGenerator, RenderedImage
 from serve_app.planning import SamplingJob
+from serve_app.scheduling import RenderScheduler
 from serve_app.settings import get_settings
+
+logger = logging.getLogger("ray.serve")
 
 
 # Defaults for one CPU machine; config/serve.yaml and the RayService manifest set the real values.
-@serve.deployment(ray_actor_options={"num_cpus": 0.5, "num_gpus": 0}, max_ongoing_requests=1)
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.5, "num_gpus": 0},
+    max_ongoing_requests=4,
+    request_router_config={"request_router_class": "deployments.routing:RenderCallRouter"},
+)
 class FluxWorker:
-    """Makes the images of sampling jobs, batch by batch."""
+    """Makes the images of sampling jobs, batch by batch, for every render call it holds."""
 
     def __init__(self) -> None:
-        self.generator = FluxGenerator(get_settings())
-        self.telemetry = RayTelemetry()
+        settings = get_settings()
+        self.generator = FluxGenerator(settings)
+        self.scheduler = RenderScheduler(
+            self.generator,
+            max_batch_size=settings.max_batch_size,
+            across_calls=settings.batch_across_requests,
+            telemetry=RayTelemetry(),
+        )
 
-    async def render(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
-        """Yield each batch of images as soon as the pipeline has made it."""
-        async for batch in render_stream(self.generator, jobs, self.telemetry):
+    async def render(
+        self, jobs: list[SamplingJob], shard: int = 0
+    ) -> AsyncIterator[list[RenderedImage]]:
+        """Yield each group of images as soon as its batch is made.
+
+        ``shard`` numbers the calls of one request; the router (deployments/routing.py) uses it.
+        """
+        logger.debug("shard %d: %d jobs", shard, len(jobs))
+        async for batch in self.scheduler.render(jobs):
             yield batch
 
     async def check_health(self) -> None:

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
-import time
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from serve_app.image_codec import encode
+from serve_app import image_codec
 from serve_app.model_sources import quiet_progress_bars, resolve_source, select_device, select_dtype
 from serve_app.planning import SamplingJob
 from serve_app.samplers import make_scheduler
 from serve_app.schemas import SamplingParams
 from serve_app.settings import ServiceSettings
-from serve_app.telemetry import NoTelemetry, Telemetry
 from serve_app.tiny_models import TINY_FLUX_NAME
 
 logger = logging.getLogger(__name__)
@@ -35,16 +31,6 @@ class RenderedImage(BaseModel):
 
     job: SamplingJob
     data: bytes
-
-
-def batches(jobs: list[SamplingJob], max_batch_size: int) -> Iterator[list[SamplingJob]]:
-    """Group jobs that can share a pipeline call, in job order, at most ``max_batch_size`` each."""
-    groups: dict[tuple[object, ...], list[SamplingJob]] = {}
-    for job in jobs:
-        groups.setdefault(job.batch_key(), []).append(job)
-    for group in groups.values():
-        for start in range(0, len(group), max_batch_size):
-            yield group[start : start + max_batch_size]
 
 
 class FluxGenerator:
@@ -139,41 +125,35 @@ class FluxGenerator:
             self.pipeline.scheduler = make_scheduler(sampler, self._scheduler_config)
             return self.pipeline(**arguments, callback_on_step_end=stop_when_cancelled).images
 
-    def render(
+    def sample(
         self, batch: list[SamplingJob], cancelled: threading.Event | None = None
-    ) -> list[RenderedImage]:
-        """Make the images of jobs that share a batch key, in one pipeline call."""
+    ) -> list[Any]:
+        """The images of jobs that share a batch key, from one pipeline call, not yet encoded.
+
+        Raises RenderCancelled when ``cancelled`` was set before the call ended.
+        """
         keys = {job.batch_key() for job in batch}
         if len(keys) != 1:
             raise ValueError(f"a batch must share one batch key, got {len(keys)}")
         arguments = self.pipeline_arguments(batch)
         with self._lock:
-            images = self._run(batch[0].params.sampler, arguments, cancelled)
+            images: list[Any] = self._run(batch[0].params.sampler, arguments, cancelled)
         if cancelled is not None and cancelled.is_set():
             raise RenderCancelled(f"cancelled batch of {len(batch)} images")
+        return images
+
+    def encode(self, batch: list[SamplingJob], images: list[Any]) -> list[RenderedImage]:
+        """The sampled ``images`` of ``batch``, encoded for storage; needs no pipeline."""
         return [
             RenderedImage(
-                job=job, data=encode(image, job.image_format, self.settings.image_quality)
+                job=job,
+                data=image_codec.encode(image, job.image_format, self.settings.image_quality),
             )
             for job, image in zip(batch, images, strict=True)
         ]
 
-
-async def render_stream(
-    generator: FluxGenerator, jobs: list[SamplingJob], telemetry: Telemetry | None = None
-) -> AsyncIterator[list[RenderedImage]]:
-    """Yield each batch of ``jobs`` as soon as ``generator`` has made it."""
-    telemetry = telemetry or NoTelemetry()
-    for batch in batches(jobs, generator.settings.max_batch_size):
-        started = time.perf_counter()
-        cancelled = threading.Event()
-        try:
-            # The pipeline blocks for the whole batch: keep it off the event loop.
-            rendered = await asyncio.to_thread(generator.render, batch, cancelled)
-        except asyncio.CancelledError:
-            # The caller is gone (client disconnect, timeout): free the pipeline at its next step.
-            cancelled.set()
-            raise
-        telemetry.stage_seconds("generation", time.perf_counter() - started)
-        telemetry.images_generated(batch[0].params.sampler, len(batch))
-        yield rendered
+    def render(
+        self, batch: list[SamplingJob], cancelled: threading.Event | None = None
+    ) -> list[RenderedImage]:
+        """Make and encode the images of jobs that share a batch key, in one pipeline call."""
+        return self.encode(batch, self.sample(batch, cancelled))

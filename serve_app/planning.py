@@ -25,18 +25,10 @@ class SamplingJob(BaseModel):
     image_format: ImageFormat = "png"
 
     def batch_key(self) -> tuple[object, ...]:
-        """Jobs with equal keys can share one pipeline call (only their seeds differ)."""
+        """Jobs with equal keys can share one pipeline call, whichever request they come from:
+        prompts, negative prompts and seeds go into a pipeline call one per image."""
         p = self.params
-        return (
-            self.prompt,
-            self.negative_prompt,
-            p.sampler,
-            p.steps,
-            p.cfg_scale,
-            p.width,
-            p.height,
-            self.image_format,
-        )
+        return (p.sampler, p.steps, p.cfg_scale, p.width, p.height)
 
 
 def spread(combinations: int, count: int) -> list[int]:

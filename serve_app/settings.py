@@ -58,6 +58,11 @@ class ServiceSettings(BaseSettings):
     max_batch_size: int = Field(
         4, ge=1, le=64, description="Most images one pipeline call makes; fit it to GPU memory."
     )
+    batch_across_requests: bool = Field(
+        True,
+        description="Fill a worker's batches with jobs of every render call it holds (other "
+        "requests included) that can share the pipeline call; off: each batch serves one call.",
+    )
     warmup: bool = Field(True, description="Run one small generation when a replica starts.")
 
     # Reliability

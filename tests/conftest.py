@@ -21,9 +21,10 @@ os.environ.setdefault("FLUX_SERVE_DEFAULT_HEIGHT", "128")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from deployments.local_cluster import deploy, free_port, wait_until_ready  # noqa: E402
-from serve_app.generation import FluxGenerator, RenderedImage, render_stream  # noqa: E402
+from serve_app.generation import FluxGenerator, RenderedImage  # noqa: E402
 from serve_app.http_api import create_app  # noqa: E402
 from serve_app.planning import SamplingJob  # noqa: E402
+from serve_app.scheduling import RenderScheduler  # noqa: E402
 from serve_app.scoring import ClipScorer  # noqa: E402
 from serve_app.service import GenerationService, RenderStream  # noqa: E402
 from serve_app.settings import ServiceSettings, get_settings  # noqa: E402
@@ -43,6 +44,16 @@ def generator(settings: ServiceSettings) -> FluxGenerator:
 
 
 @pytest.fixture(scope="session")
+def scheduler(generator: FluxGenerator, settings: ServiceSettings) -> RenderScheduler:
+    """What a FluxWorker replica runs its render calls on."""
+    return RenderScheduler(
+        generator,
+        max_batch_size=settings.max_batch_size,
+        across_calls=settings.batch_across_requests,
+    )
+
+
+@pytest.fixture(scope="session")
 def scorer(settings: ServiceSettings) -> ClipScorer:
     return ClipScorer(settings)
 
@@ -59,12 +70,13 @@ class MakeService(Protocol):
 
 
 @pytest.fixture(scope="session")
-def make_service(generator: FluxGenerator, scorer: ClipScorer) -> MakeService:
+def make_service(scheduler: RenderScheduler, scorer: ClipScorer) -> MakeService:
     """The request flow on in-process models (the classes the deployments wrap), for any settings
     and store."""
 
-    def render(jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
-        return render_stream(generator, jobs)
+    def render(jobs: list[SamplingJob], shard: int) -> AsyncIterator[list[RenderedImage]]:
+        del shard  # one worker here: nothing to route
+        return scheduler.render(jobs)
 
     async def score(prompt: str, images: list[bytes]) -> list[float]:
         return scorer.score(prompt, images)

@@ -23,9 +23,10 @@ from serve_app.client import (
     ServerSentEvent,
     read_events,
 )
-from serve_app.generation import FluxGenerator, RenderedImage, render_stream
+from serve_app.generation import RenderedImage
 from serve_app.http_api import create_app
 from serve_app.planning import SamplingJob
+from serve_app.scheduling import RenderScheduler
 from serve_app.schemas import Diversity, GenerateRequest, Readiness
 from serve_app.scoring import ClipScorer
 from serve_app.service import GenerationService, RenderStream
@@ -78,11 +79,12 @@ def keyed_url(
 
 
 @pytest.fixture
-def failing_url(generator: FluxGenerator, service_rendering: ServiceRendering) -> Iterator[str]:
+def failing_url(scheduler: RenderScheduler, service_rendering: ServiceRendering) -> Iterator[str]:
     """The application on a worker that crashes after its first image."""
 
-    async def crash(jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
-        async for batch in render_stream(generator, jobs[:1]):
+    async def crash(jobs: list[SamplingJob], shard: int) -> AsyncIterator[list[RenderedImage]]:
+        del shard
+        async for batch in scheduler.render(jobs[:1]):
             yield batch
         raise RuntimeError("the GPU fell off")
 
@@ -143,17 +145,20 @@ def test_generate_returns_every_image_with_its_parameters(live_url: str) -> None
 
 
 def test_stream_yields_each_image_before_the_next_is_made(
-    generator: FluxGenerator, service_rendering: ServiceRendering
+    scheduler: RenderScheduler, service_rendering: ServiceRendering
 ) -> None:
     received = [threading.Event() for _ in range(3)]
 
-    async def one_after_another(jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
+    async def one_after_another(
+        jobs: list[SamplingJob], shard: int
+    ) -> AsyncIterator[list[RenderedImage]]:
+        del shard
         # Each image is made only once the client holds the one before: a client or server that
         # buffered the stream would never see the second.
         for position, job in enumerate(jobs):
             if position and not await asyncio.to_thread(received[position - 1].wait, 30):
                 raise RuntimeError(f"image {position - 1} never reached the client")
-            async for batch in render_stream(generator, [job]):
+            async for batch in scheduler.render([job]):
                 yield batch
 
     app = create_app(service_rendering(one_after_another), always_ready)

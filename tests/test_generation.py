@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from serve_app.generation import FluxGenerator, batches
+from serve_app.generation import FluxGenerator
 from serve_app.planning import SamplingJob
 from serve_app.samplers import supported_samplers
 from serve_app.schemas import SamplingParams
@@ -17,10 +17,15 @@ from .images import mean_abs_difference
 BASE = SamplingParams(sampler="euler", steps=4, cfg_scale=1.0, seed=11, width=128, height=128)
 
 
-def job(index: int = 0, negative_prompt: str | None = None, **changes: object) -> SamplingJob:
+def job(
+    index: int = 0,
+    negative_prompt: str | None = None,
+    prompt: str = "a red cat",
+    **changes: object,
+) -> SamplingJob:
     return SamplingJob(
         index=index,
-        prompt="a red cat",
+        prompt=prompt,
         negative_prompt=negative_prompt,
         params=BASE.model_copy(update=changes),
     )
@@ -76,18 +81,38 @@ def test_every_sampler_makes_an_image_of_the_requested_size(
     assert (image.format, image.size) == ("PNG", (192, 128))
 
 
-def test_an_image_made_in_a_batch_matches_it_made_alone(generator: FluxGenerator) -> None:
-    batch = [job(index=i, seed=100 + i) for i in range(3)]
+@pytest.mark.parametrize(
+    "batch",
+    [
+        pytest.param([job(index=i, seed=100 + i) for i in range(3)], id="one-request"),
+        # Jobs of other requests share a batch: their prompts and negative prompts differ.
+        pytest.param(
+            [
+                job(index=0, seed=100),
+                job(index=0, seed=100, prompt="a blue dog"),
+                job(index=5, seed=7, prompt="a green car"),
+            ],
+            id="three-requests",
+        ),
+        pytest.param(
+            [
+                job(index=0, seed=100, cfg_scale=3.0, negative_prompt="a dog"),
+                job(index=1, seed=100, cfg_scale=3.0, prompt="a blue dog", negative_prompt="a cat"),
+                job(index=2, seed=100, cfg_scale=3.0, prompt="a green car"),
+            ],
+            id="true-guidance-three-requests",
+        ),
+    ],
+)
+def test_an_image_made_in_a_batch_matches_it_made_alone(
+    generator: FluxGenerator, batch: list[SamplingJob]
+) -> None:
     together = generator.render(batch)
     for sampling_job, rendered in zip(batch, together, strict=True):
         assert rendered.job == sampling_job
         assert mean_abs_difference(rendered.data, render_one(generator, sampling_job)) <= 1.0
-
-
-def test_jobs_are_batched_only_with_equal_parameters() -> None:
-    jobs = [job(index=0), job(index=1, steps=2), job(index=2, seed=5), job(index=3), job(index=4)]
-    grouped = [[j.index for j in group] for group in batches(jobs, max_batch_size=2)]
-    assert grouped == [[0, 2], [3, 4], [1]]
+    # Each image is its own prompt's: the same seed under another prompt gives other pixels.
+    assert mean_abs_difference(together[0].data, together[1].data) > 0.5
 
 
 def test_a_mixed_batch_is_refused(generator: FluxGenerator) -> None:

@@ -12,9 +12,10 @@ import pytest
 from fastapi import FastAPI
 
 from serve_app.faults import WorkerLost
-from serve_app.generation import FluxGenerator, RenderedImage, render_stream
+from serve_app.generation import FluxGenerator, RenderedImage
 from serve_app.http_api import create_app
 from serve_app.planning import SamplingJob
+from serve_app.scheduling import RenderScheduler
 from serve_app.schemas import GenerateRequest
 from serve_app.settings import ServiceSettings
 from serve_app.storage import LocalImageStore
@@ -39,20 +40,23 @@ def call(app: FastAPI, scenario: Callable[[httpx.AsyncClient], object]) -> objec
 class HeldRender:
     """Renders for real, but only once released: lets a test hold a request in progress."""
 
-    def __init__(self, generator: FluxGenerator) -> None:
-        self.generator = generator
+    def __init__(self, scheduler: RenderScheduler) -> None:
+        self.scheduler = scheduler
         self.started = asyncio.Event()
         self.release = asyncio.Event()
         self.cancelled = False
 
-    async def __call__(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
+    async def __call__(
+        self, jobs: list[SamplingJob], shard: int
+    ) -> AsyncIterator[list[RenderedImage]]:
+        del shard
         self.started.set()
         try:
             await self.release.wait()
         except asyncio.CancelledError:
             self.cancelled = True
             raise
-        async for batch in render_stream(self.generator, jobs):
+        async for batch in self.scheduler.render(jobs):
             yield batch
 
 
@@ -60,9 +64,9 @@ def test_overload_is_answered_at_once_with_retry_after(
     settings: ServiceSettings,
     make_service: MakeService,
     store: LocalImageStore,
-    generator: FluxGenerator,
+    scheduler: RenderScheduler,
 ) -> None:
-    held = HeldRender(generator)
+    held = HeldRender(scheduler)
     limited = settings.model_copy(update={"max_concurrent_requests": 1, "retry_after_s": 7})
     app = create_app(make_service(limited, store, held), always_ready)
 
@@ -85,9 +89,9 @@ def test_a_request_past_its_deadline_is_a_504_and_its_work_is_cancelled(
     settings: ServiceSettings,
     make_service: MakeService,
     store: LocalImageStore,
-    generator: FluxGenerator,
+    scheduler: RenderScheduler,
 ) -> None:
-    held = HeldRender(generator)  # never released: the work can't finish
+    held = HeldRender(scheduler)  # never released: the work can't finish
     hasty = settings.model_copy(update={"request_timeout_s": 0.5})
     app = create_app(make_service(hasty, store, held), always_ready)
 
@@ -104,9 +108,9 @@ def test_a_stream_past_its_deadline_ends_with_a_timeout_event(
     settings: ServiceSettings,
     make_service: MakeService,
     store: LocalImageStore,
-    generator: FluxGenerator,
+    scheduler: RenderScheduler,
 ) -> None:
-    held = HeldRender(generator)
+    held = HeldRender(scheduler)
     hasty = settings.model_copy(update={"request_timeout_s": 0.5})
     app = create_app(make_service(hasty, store, held), always_ready)
 
@@ -186,14 +190,17 @@ def client_app(
 class LosesAWorker:
     """Renders for real; the first stream dies after its first batch, like a killed replica."""
 
-    def __init__(self, generator: FluxGenerator, losses: int) -> None:
-        self.generator = generator
+    def __init__(self, scheduler: RenderScheduler, losses: int) -> None:
+        self.scheduler = scheduler
         self.losses = losses
         self.calls: list[list[int]] = []
 
-    async def __call__(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
+    async def __call__(
+        self, jobs: list[SamplingJob], shard: int
+    ) -> AsyncIterator[list[RenderedImage]]:
+        del shard
         self.calls.append([job.index for job in jobs])
-        async for batch in render_stream(self.generator, jobs):
+        async for batch in self.scheduler.render(jobs):
             yield batch
             if self.losses:
                 self.losses -= 1
@@ -204,9 +211,9 @@ def test_jobs_of_a_lost_worker_are_retried_and_stored_once(
     settings: ServiceSettings,
     make_service: MakeService,
     store: LocalImageStore,
-    generator: FluxGenerator,
+    scheduler: RenderScheduler,
 ) -> None:
-    flaky = LosesAWorker(generator, losses=1)
+    flaky = LosesAWorker(scheduler, losses=1)
     quick = settings.model_copy(update={"retry_backoff_s": 0})
     app = create_app(make_service(quick, store, flaky), always_ready)
 
@@ -227,9 +234,9 @@ def test_a_worker_lost_for_good_is_a_503_after_the_retries(
     settings: ServiceSettings,
     make_service: MakeService,
     store: LocalImageStore,
-    generator: FluxGenerator,
+    scheduler: RenderScheduler,
 ) -> None:
-    doomed = LosesAWorker(generator, losses=100)
+    doomed = LosesAWorker(scheduler, losses=100)
     quick = settings.model_copy(update={"retry_backoff_s": 0, "max_retries": 2})
     app = create_app(make_service(quick, store, doomed), always_ready)
 

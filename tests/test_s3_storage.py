@@ -15,10 +15,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from serve_app.generation import FluxGenerator, RenderedImage, render_stream
+from serve_app.generation import RenderedImage
 from serve_app.http_api import create_app
 from serve_app.planning import SamplingJob
 from serve_app.s3_storage import S3ImageStore
+from serve_app.scheduling import RenderScheduler
 from serve_app.settings import ServiceSettings
 from serve_app.storage import StorageError
 
@@ -206,12 +207,12 @@ def test_the_server_going_away_mid_request_is_a_503(
     s3_settings: SettingsFor,
     s3: SeaweedS3,
     bucket: str,
-    generator: FluxGenerator,
+    scheduler: RenderScheduler,
     make_service: MakeService,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     settings = s3_settings()
-    assert generator.settings.max_batch_size == 4  # so 8 images come in two batches
+    assert scheduler.generator.settings.max_batch_size == 4  # so 8 images come in two batches
 
     async def first_batch_stored() -> None:
         deadline = time.monotonic() + 30
@@ -220,9 +221,10 @@ def test_the_server_going_away_mid_request_is_a_503(
             await asyncio.sleep(0.05)
 
     async def render_then_lose_the_server(
-        jobs: list[SamplingJob],
+        jobs: list[SamplingJob], shard: int
     ) -> AsyncIterator[list[RenderedImage]]:
-        async for batch in render_stream(generator, jobs):
+        del shard
+        async for batch in scheduler.render(jobs):
             if batch[0].job.index > 0:
                 await first_batch_stored()
                 s3.kill()

@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from serve_app.client import read_events
+from serve_app.client import aread_events, read_events
 
 from .conftest import ServeCluster
 
@@ -91,6 +91,39 @@ def test_gpus_spreads_a_request_over_distinct_replicas(
         time.sleep(1)
     # Two shards of four jobs, each on its own replica.
     assert sorted(grown.values()) == [4.0, 4.0], grown
+
+
+def test_a_request_that_finds_every_worker_busy_streams_before_they_finish(
+    fault_app: tuple[str, Path],
+) -> None:
+    url, _ = fault_app
+    # Eight batches each, one request on each of the two workers.
+    busy = {"prompt": "busy", "nof_images": 32, "width": 256, "height": 256, "stream": True}
+    late = {"prompt": "late", "nof_images": 2, "width": 256, "height": 256, "stream": True}
+    arrivals: list[str] = []
+    first_image = {name: asyncio.Event() for name in ("a", "b")}
+
+    async def stream(client: httpx.AsyncClient, name: str, payload: dict[str, object]) -> None:
+        async with client.stream("POST", f"{url}/generate", json=payload) as response:
+            assert response.status_code == 200
+            async for event in aread_events(response.aiter_lines()):
+                if event.event == "image":
+                    arrivals.append(name)
+                    if name in first_image:
+                        first_image[name].set()
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(timeout=180) as client:
+            running = [asyncio.create_task(stream(client, name, busy)) for name in ("a", "b")]
+            for event in first_image.values():
+                await event.wait()
+            await asyncio.gather(*running, stream(client, "late", late))
+
+    asyncio.run(scenario())
+    assert arrivals.count("late") == 2
+    # The late request took turns on a busy worker instead of waiting for a whole request.
+    last = {name: len(arrivals) - 1 - arrivals[::-1].index(name) for name in ("a", "b")}
+    assert arrivals.index("late") < min(last.values()), arrivals
 
 
 def kill_a_replica(deployment: str) -> str:
