@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from collections.abc import AsyncIterator
 
@@ -14,8 +13,6 @@ from serve_app.generation import FluxGenerator, RenderedImage
 from serve_app.planning import SamplingJob
 from serve_app.scheduling import RenderScheduler
 from serve_app.settings import get_settings
-
-logger = logging.getLogger("ray.serve")
 
 
 # Defaults for one CPU machine; config/serve.yaml and the RayService manifest set the real values.
@@ -37,14 +34,8 @@ class FluxWorker:
             telemetry=RayTelemetry(),
         )
 
-    async def render(
-        self, jobs: list[SamplingJob], shard: int = 0
-    ) -> AsyncIterator[list[RenderedImage]]:
-        """Yield each group of images as soon as its batch is made.
-
-        ``shard`` numbers the calls of one request; the router (deployments/routing.py) uses it.
-        """
-        logger.debug("shard %d: %d jobs", shard, len(jobs))
+    async def render(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
+        """Yield each group of images as soon as its batch is made."""
         async for batch in self.scheduler.render(jobs):
             yield batch
 

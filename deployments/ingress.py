@@ -60,11 +60,9 @@ class Ingress:
         # Ray Serve's proxy already puts X-Request-Id (the client's, or its own) on every answer.
         return create_app(self.service, self._readiness, echo_request_id=False)
 
-    async def _render(
-        self, jobs: list[SamplingJob], shard: int
-    ) -> AsyncIterator[list[RenderedImage]]:
+    async def _render(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
         with replica_faults("FluxWorker"):
-            async for batch in self._worker.render.remote(jobs, shard=shard):
+            async for batch in self._worker.render.remote(jobs):
                 yield batch
 
     async def _score(self, prompt: str, images: list[bytes]) -> list[float]:

@@ -10,7 +10,9 @@ there are enough of them.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.request_router import (
@@ -23,18 +25,36 @@ from ray.serve.request_router import (
 )
 from typing_extensions import override
 
+# A pick that routing never confirmed (the replica could not take the call) stops counting then.
+_PICK_TTL_S = 10.0
+
+
+@dataclass(frozen=True)
+class _Pick:
+    """The replica chosen for a call that is not yet routed."""
+
+    pending: PendingRequest
+    replica_id: ReplicaID
+    at: float
+
 
 class RenderCallRouter(FIFOMixin, RequestRouter):  # type: ignore[misc]
-    """Least busy replica first; one that already runs a shard of the request comes after.
+    """Least busy replica first; one that already has a call of the same request comes after.
 
-    The shards of a request share Ray Serve's internal request id (they are calls made while
-    serving one HTTP request), which is how they are recognised. FIFO order keeps them
-    interchangeable: whichever shard is oldest takes the replica chosen.
+    A replica's calls are what this router sent there and has not seen end, counted from the
+    moment it picks the replica (calls routed in one burst would otherwise all see the same idle
+    replica), or the replica's own count as Ray Serve last heard it, whichever is more (that one
+    includes other routers' calls, but is forgotten after a few seconds without news). The calls
+    of one request share Ray Serve's internal request id (they are made while serving one HTTP
+    request), which is how they are recognised.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._shards_on: Counter[tuple[str, ReplicaID]] = Counter()
+        self._routed: Counter[tuple[str, ReplicaID]] = Counter()
+        """Calls routed and not yet ended, by (internal request id, replica)."""
+        self._picks: dict[int, _Pick] = {}
+        """Calls not yet routed, by the id() of their pending request (which the pick holds)."""
 
     @override
     async def choose_replicas(
@@ -43,35 +63,52 @@ class RenderCallRouter(FIFOMixin, RequestRouter):  # type: ignore[misc]
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         """Every candidate, one per rank, best first."""
-        request = pending_request.metadata.internal_request_id if pending_request else ""
-        shard = int(pending_request.kwargs.get("shard", 0)) if pending_request else 0
-        ordered = sorted(candidate_replicas, key=lambda replica: replica.replica_id.unique_id)
+        now = time.monotonic()
+        self._picks = {
+            key: pick
+            for key, pick in self._picks.items()
+            if not pick.pending.future.cancelled() and now - pick.at < _PICK_TTL_S
+        }
+        request = pending_request.metadata.internal_request_id if pending_request else None
+        calls: Counter[ReplicaID] = Counter()
+        of_request: Counter[ReplicaID] = Counter()
+        for (routed_request, replica_id), count in self._routed.items():
+            calls[replica_id] += count
+            if routed_request == request:
+                of_request[replica_id] += count
+        for pick in self._picks.values():
+            if pick.pending is not pending_request:
+                calls[pick.replica_id] += 1
+                if pick.pending.metadata.internal_request_id == request:
+                    of_request[pick.replica_id] += 1
 
-        def preference(position: int) -> tuple[bool, int, int, int]:
-            replica = ordered[position]
-            calls = self.replica_queue_len_cache.get(replica.replica_id) or 0
+        def preference(replica: RunningReplica) -> tuple[bool, int, int, str]:
+            heard = self.replica_queue_len_cache.get(replica.replica_id) or 0
+            load = max(calls[replica.replica_id], heard)
             return (
-                calls >= replica.max_ongoing_requests,
-                self._shards_on[request, replica.replica_id],
-                calls,
-                # Shards routed at the same moment see the same loads; starting each from its
-                # own replica keeps them apart until the counts above catch up.
-                (position - shard) % len(ordered),
+                load >= replica.max_ongoing_requests,
+                of_request[replica.replica_id],
+                load,
+                replica.replica_id.unique_id,
             )
 
-        return [[ordered[position]] for position in sorted(range(len(ordered)), key=preference)]
+        ranked = sorted(candidate_replicas, key=preference)
+        if pending_request is not None and ranked:
+            self._picks[id(pending_request)] = _Pick(pending_request, ranked[0].replica_id, now)
+        return [[replica] for replica in ranked]
 
     @override
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult
     ) -> None:
-        """Count the shard against its replica until it completes."""
-        self._shards_on[pending_request.metadata.internal_request_id, replica_id] += 1
+        """Count the call against its replica until it ends."""
+        self._picks.pop(id(pending_request), None)
+        self._routed[pending_request.metadata.internal_request_id, replica_id] += 1
 
     @override
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        """A shard ended (or was refused by a full replica): it no longer counts."""
+        """A call ended (or was refused by a full replica): it no longer counts."""
         key = (internal_request_id, replica_id)
-        self._shards_on[key] -= 1
-        if self._shards_on[key] <= 0:
-            del self._shards_on[key]
+        self._routed[key] -= 1
+        if self._routed[key] <= 0:
+            del self._routed[key]

@@ -25,9 +25,8 @@ from serve_app.telemetry import NoTelemetry, Telemetry
 
 logger = logging.getLogger(__name__)
 
-RenderStream = Callable[[list[SamplingJob], int], AsyncIterator[list[RenderedImage]]]
-"""Makes the images of some jobs (shard number N of a request), yielding each batch as soon as it
-is done."""
+RenderStream = Callable[[list[SamplingJob]], AsyncIterator[list[RenderedImage]]]
+"""Makes the images of some jobs, yielding each batch as soon as it is done."""
 
 ScoreImages = Callable[[str, list[bytes]], Awaitable[list[float]]]
 """Scores encoded images for a prompt."""
@@ -100,11 +99,11 @@ class GenerationService:
         """Batches from up to ``gpus`` concurrent render streams, in order of completion."""
         queue: asyncio.Queue[list[RenderedImage] | BaseException | None] = asyncio.Queue()
 
-        async def pump(number: int, part: list[SamplingJob]) -> None:
+        async def pump(part: list[SamplingJob]) -> None:
             remaining = part
             for attempt in itertools.count():
                 try:
-                    async for batch in self._render(remaining, number):
+                    async for batch in self._render(remaining):
                         done = {rendered.job.index for rendered in batch}
                         remaining = [job for job in remaining if job.index not in done]
                         await queue.put(batch)
@@ -125,7 +124,7 @@ class GenerationService:
                     return
 
         shards = shard(jobs, gpus)
-        tasks = [asyncio.create_task(pump(number, part)) for number, part in enumerate(shards)]
+        tasks = [asyncio.create_task(pump(part)) for part in shards]
         outstanding = len(jobs)
         self.telemetry.jobs_in_flight(outstanding)
         try:

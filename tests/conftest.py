@@ -74,8 +74,7 @@ def make_service(scheduler: RenderScheduler, scorer: ClipScorer) -> MakeService:
     """The request flow on in-process models (the classes the deployments wrap), for any settings
     and store."""
 
-    def render(jobs: list[SamplingJob], shard: int) -> AsyncIterator[list[RenderedImage]]:
-        del shard  # one worker here: nothing to route
+    def render(jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
         return scheduler.render(jobs)
 
     async def score(prompt: str, images: list[bytes]) -> list[float]:

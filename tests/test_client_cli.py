@@ -82,8 +82,7 @@ def keyed_url(
 def failing_url(scheduler: RenderScheduler, service_rendering: ServiceRendering) -> Iterator[str]:
     """The application on a worker that crashes after its first image."""
 
-    async def crash(jobs: list[SamplingJob], shard: int) -> AsyncIterator[list[RenderedImage]]:
-        del shard
+    async def crash(jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
         async for batch in scheduler.render(jobs[:1]):
             yield batch
         raise RuntimeError("the GPU fell off")
@@ -149,10 +148,7 @@ def test_stream_yields_each_image_before_the_next_is_made(
 ) -> None:
     received = [threading.Event() for _ in range(3)]
 
-    async def one_after_another(
-        jobs: list[SamplingJob], shard: int
-    ) -> AsyncIterator[list[RenderedImage]]:
-        del shard
+    async def one_after_another(jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
         # Each image is made only once the client holds the one before: a client or server that
         # buffered the stream would never see the second.
         for position, job in enumerate(jobs):

@@ -46,10 +46,7 @@ class HeldRender:
         self.release = asyncio.Event()
         self.cancelled = False
 
-    async def __call__(
-        self, jobs: list[SamplingJob], shard: int
-    ) -> AsyncIterator[list[RenderedImage]]:
-        del shard
+    async def __call__(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
         self.started.set()
         try:
             await self.release.wait()
@@ -195,10 +192,7 @@ class LosesAWorker:
         self.losses = losses
         self.calls: list[list[int]] = []
 
-    async def __call__(
-        self, jobs: list[SamplingJob], shard: int
-    ) -> AsyncIterator[list[RenderedImage]]:
-        del shard
+    async def __call__(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
         self.calls.append([job.index for job in jobs])
         async for batch in self.scheduler.render(jobs):
             yield batch

@@ -221,9 +221,8 @@ def test_the_server_going_away_mid_request_is_a_503(
             await asyncio.sleep(0.05)
 
     async def render_then_lose_the_server(
-        jobs: list[SamplingJob], shard: int
+        jobs: list[SamplingJob],
     ) -> AsyncIterator[list[RenderedImage]]:
-        del shard
         async for batch in scheduler.render(jobs):
             if batch[0].job.index > 0:
                 await first_batch_stored()
