@@ -15,6 +15,7 @@ from serve_app.planning import SamplingJob
 from serve_app.samplers import make_scheduler
 from serve_app.schemas import SamplingParams
 from serve_app.settings import ServiceSettings
+from serve_app.speedups import apply_speedups
 from serve_app.tiny_models import TINY_FLUX_NAME
 
 logger = logging.getLogger(__name__)
@@ -50,26 +51,41 @@ class FluxGenerator:
         self._scheduler_config = dict(self.pipeline.scheduler.config)
         # Guidance-distilled models (dev) take the scale as an input; schnell needs true CFG.
         self.guidance_distilled = bool(self.pipeline.transformer.config.guidance_embeds)
+        apply_speedups(self.pipeline, settings)
         # One pipeline, one scheduler slot: calls from several threads must take turns.
         self._lock = threading.Lock()
         if settings.warmup:
             self.warm_up()
 
-    def _smallest_job(self) -> SamplingJob:
-        side = self.settings.min_size
+    def _one_step_jobs(self, count: int, width: int, height: int) -> list[SamplingJob]:
         params = SamplingParams(
             sampler=self.settings.native.sampler,
             steps=1,
             cfg_scale=1.0,
             seed=0,
-            width=side,
-            height=side,
+            width=width,
+            height=height,
         )
-        return SamplingJob(index=0, prompt="health check", negative_prompt=None, params=params)
+        return [
+            SamplingJob(index=index, prompt="warm-up", negative_prompt=None, params=params)
+            for index in range(count)
+        ]
+
+    def _smallest_job(self) -> SamplingJob:
+        side = self.settings.min_size
+        return self._one_step_jobs(1, side, side)[0]
 
     def warm_up(self) -> None:
-        """One small generation, so that the first request does not pay for lazy initialization."""
+        """One small generation, so that the first request does not pay for lazy initialization.
+
+        A compiled pipeline also makes one image and one full batch of the default size: the
+        shapes most requests take are then compiled before the replica reports ready.
+        """
         self.render([self._smallest_job()])
+        if self.settings.compile_mode != "off":
+            width, height = self.settings.default_width, self.settings.default_height
+            for count in sorted({1, self.settings.max_batch_size}):
+                self.render(self._one_step_jobs(count, width, height))
 
     def check(self) -> None:
         """Raise RuntimeError unless the model still produces finite latents on its device.

@@ -63,7 +63,30 @@ class ServiceSettings(BaseSettings):
         description="Fill a worker's batches with jobs of every render call it holds (other "
         "requests included) that can share the pipeline call; off: each batch serves one call.",
     )
-    warmup: bool = Field(True, description="Run one small generation when a replica starts.")
+    warmup: bool = Field(
+        True,
+        description="Run one small generation when a replica starts (with compile_mode, also "
+        "one batch of the default size, which compiles it).",
+    )
+
+    # Lossless speed-ups (serve_app/speedups.py); bench/ measures each.
+    fuse_qkv: bool = Field(
+        False, description="Fuse the query, key and value projections of transformer and VAE."
+    )
+    channels_last_vae: bool = Field(
+        False, description="Run the VAE on channels-last memory (faster convolutions on GPUs)."
+    )
+    attention_backend: str | None = Field(
+        None,
+        description="diffusers attention backend of the transformer: '_native_flash', "
+        "'_native_cudnn', 'flash' (flash-attn 2), '_flash_3' (flash-attn 3), ... Unset: "
+        "PyTorch's scaled_dot_product_attention, which picks a kernel itself.",
+    )
+    compile_mode: Literal["off", "default", "max-autotune-no-cudagraphs", "max-autotune"] = Field(
+        "off",
+        description="torch.compile the transformer and the VAE decoder in this mode; each new "
+        "image size or batch size compiles once more.",
+    )
 
     # Reliability
     request_timeout_s: float = Field(
