@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class ServiceSetup:
     max_batch_size: int
     ray_cpus: int
     gpus: int
+    batch_across_requests: bool = True
     ready_timeout_s: float = 600.0
 
 
@@ -46,19 +48,34 @@ class RunningService:
     url: str
     app_name: str
 
-    def worker_replicas(self) -> int | None:
-        """How many FluxWorker replicas are running now (None: the deployment is not there)."""
+    def _workers(self) -> Any:
         from ray import serve
 
         application = serve.status().applications.get(self.app_name)
-        if application is None or WORKER_DEPLOYMENT not in application.deployments:
+        if application is None:
             return None
-        states: dict[str, int] = application.deployments[WORKER_DEPLOYMENT].replica_states
+        return application.deployments.get(WORKER_DEPLOYMENT)
+
+    def worker_replicas(self) -> int | None:
+        """How many FluxWorker replicas are running now (None: the deployment is not there)."""
+        workers = self._workers()
+        if workers is None:
+            return None
+        states: dict[str, int] = workers.replica_states
         return sum(count for state, count in states.items() if state == "RUNNING")
+
+    def wait_while_scaling(self, timeout_s: float) -> None:
+        """Return once Serve is neither adding nor removing FluxWorker replicas (or at timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            workers = self._workers()
+            if workers is None or workers.status.value not in {"UPSCALING", "DOWNSCALING"}:
+                return
+            time.sleep(0.5)
 
 
 def serve_config(setup: ServiceSetup, http_port: int, storage_dir: Path) -> dict[str, Any]:
-    """config/serve.yaml with the benchmark's model, size, batch size, store and port."""
+    """config/serve.yaml with the benchmark's model, size, batch sizes, store and port."""
     config: dict[str, Any] = yaml.safe_load((ROOT / "config" / "serve.yaml").read_text())
     config["http_options"]["host"] = "127.0.0.1"
     config["http_options"]["port"] = http_port
@@ -70,6 +87,7 @@ def serve_config(setup: ServiceSetup, http_port: int, storage_dir: Path) -> dict
             "FLUX_SERVE_DEFAULT_WIDTH": str(setup.size),
             "FLUX_SERVE_DEFAULT_HEIGHT": str(setup.size),
             "FLUX_SERVE_MAX_BATCH_SIZE": str(setup.max_batch_size),
+            "FLUX_SERVE_BATCH_ACROSS_REQUESTS": str(setup.batch_across_requests).lower(),
             "FLUX_SERVE_STORAGE_DIR": str(storage_dir),
         }
     )

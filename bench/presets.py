@@ -8,6 +8,7 @@ cost differ. Weights come from a fixed seed: building twice gives identical file
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,8 @@ from serve_app.tiny_models import (
     _flux_pipeline,
     ensure_tiny_model,
 )
+
+logger = logging.getLogger(__name__)
 
 _SEED = 20260202
 # FLUX.1's T5 vocabulary; the tiny tokenizers use only its first few dozen ids.
@@ -56,13 +59,29 @@ def _small_components() -> dict[str, Any]:
     return {"transformer": transformer}
 
 
-def _full_components() -> dict[str, Any]:
-    """FLUX.1-schnell's architecture: transformer, VAE, CLIP-L and T5-XXL encoders."""
+@dataclass(frozen=True)
+class SchnellDepth:
+    """How many of FLUX.1-schnell's blocks a preset keeps; every block keeps its full width."""
+
+    double_blocks: int = 19
+    single_blocks: int = 38
+    t5_layers: int = 24
+
+    def components(self) -> dict[str, Any]:
+        """FLUX.1-schnell's architecture at this depth: transformer, VAE, CLIP-L and T5-XXL."""
+        return _schnell_components(self)
+
+
+def _schnell_components(depth: SchnellDepth) -> dict[str, Any]:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    # The diffusers defaults are FLUX.1's: 19 double and 38 single blocks, 3072 wide.
-    transformer = FluxTransformer2DModel(guidance_embeds=False)
+    # The diffusers defaults are FLUX.1's widths: 24 heads of 128, 3072 wide.
+    transformer = FluxTransformer2DModel(
+        num_layers=depth.double_blocks,
+        num_single_layers=depth.single_blocks,
+        guidance_embeds=False,
+    )
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -93,7 +112,7 @@ def _full_components() -> dict[str, Any]:
         d_model=4096,
         d_kv=64,
         d_ff=10240,
-        num_layers=24,
+        num_layers=depth.t5_layers,
         num_heads=64,
         relative_attention_num_buckets=32,
         relative_attention_max_distance=128,
@@ -118,6 +137,9 @@ class Preset:
     description: str
     components: Callable[[], dict[str, Any]]
     build_dtype: torch.dtype = torch.float32
+    reduced: Preset | None = None
+    """What runs instead on a machine that can't hold this preset (a CPU one): the same
+    architecture at a size it can, so that every code path still runs there."""
 
 
 PRESETS: dict[str, Preset] = {
@@ -134,9 +156,18 @@ PRESETS: dict[str, Preset] = {
         "full",
         "bench-full-flux-v1",
         "FLUX.1-schnell's architecture (12 B transformer, T5-XXL, CLIP-L, 16-channel VAE)",
-        _full_components,
+        SchnellDepth().components,
         # Saved as the released weights are; the service casts to its own dtype when loading.
         build_dtype=torch.bfloat16,
+        reduced=Preset(
+            "full (reduced)",
+            "bench-full-reduced-flux-v1",
+            "FLUX.1-schnell's architecture at reduced depth: 1 of its 19 double and 1 of its 38 "
+            "single blocks, 1 of T5-XXL's 24 layers, every block at full width; CLIP-L and the "
+            "VAE whole",
+            SchnellDepth(double_blocks=1, single_blocks=1, t5_layers=1).components,
+            build_dtype=torch.bfloat16,
+        ),
     ),
 }
 
@@ -235,3 +266,17 @@ def shortfall(
         f"{device.type} in {dtype}: it needs " + "; ".join(problems) + ". It is meant for a GPU "
         "(bfloat16); run it there, e.g. bench/run.sh --preset full --size 1024."
     )
+
+
+def runnable_preset(
+    preset: Preset, device: torch.device, dtype: torch.dtype, cache_dir: Path
+) -> tuple[Preset, str | None]:
+    """``preset``, or its reduced size where this machine can't hold it; with the reason it
+    can't run at all, if none fits."""
+    problem = shortfall(preset, device, dtype, cache_dir)
+    if problem and preset.reduced is not None:
+        logger.warning(
+            "%s Running it at reduced size instead: %s.", problem, preset.reduced.description
+        )
+        return runnable_preset(preset.reduced, device, dtype, cache_dir)
+    return preset, problem

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bench.service_timing import ServiceFigures
+from bench.speedup_timing import SpeedupFigures
 from bench.workload import Workload
 
 
@@ -25,6 +26,7 @@ class Target:
 
 BATCHED = "batched / per-image"
 FIRST_IMAGE = "first image / latency (p50)"
+SHARED = "shared / own batches"
 
 # The throughput issue's targets, per preset, for this repository's 2-core CPU machines.
 TARGETS: dict[str, dict[str, Target]] = {
@@ -54,6 +56,16 @@ class Ratio:
         return "met" if self.target.met_by(self.value) else "missed"
 
 
+@dataclass(frozen=True)
+class SharingFigures:
+    """Many small requests at once, on workers that share batches across requests and on
+    workers that give each request batches of its own."""
+
+    images_per_request: int
+    shared: ServiceFigures
+    own: ServiceFigures
+
+
 def best_batch_size(rates: dict[int, float]) -> int:
     """The batch size with the most images/s (the smaller one on a tie)."""
     return max(sorted(rates), key=lambda size: rates[size])
@@ -71,6 +83,8 @@ class Results:
     batch_rates: dict[int, float]
     service: list[ServiceFigures] = field(default_factory=list)
     service_batch_size: int | None = None
+    sharing: SharingFigures | None = None
+    speedups: list[SpeedupFigures] = field(default_factory=list)
     machine: str = ""
     """How busy the host was when the run began: on a shared machine the figures vary."""
 
@@ -94,6 +108,12 @@ class Results:
             name = f"{FIRST_IMAGE}, c{figures.concurrency}"
             value = figures.first_image_p50_s / figures.latency_p50_s
             found.append(Ratio(name, value, targets.get(name)))
+        if self.sharing:
+            shared, own = self.sharing.shared, self.sharing.own
+            name = (
+                f"{SHARED}, {self.sharing.images_per_request}-image requests c{shared.concurrency}"
+            )
+            found.append(Ratio(name, shared.images_per_s / own.images_per_s))
         return found
 
 
@@ -148,8 +168,19 @@ def measurements_table(results: Results) -> Table:
             notes.append("floor")
         label = f"raw pipeline, batch {size}" + (f" ({'; '.join(notes)})" if notes else "")
         rows.append([label, f"{rate:.2f}", "", "", "", ""])
-    for figures in results.service:
-        label = f"service, concurrency {figures.concurrency}"
+    service = [
+        (f"service, concurrency {figures.concurrency}", figures) for figures in results.service
+    ]
+    if sharing := results.sharing:
+        requests = f"service, {sharing.images_per_request}-image requests"
+        service += [
+            (
+                f"{requests}, concurrency {sharing.shared.concurrency}, batches shared",
+                sharing.shared,
+            ),
+            (f"{requests}, concurrency {sharing.own.concurrency}, own batches", sharing.own),
+        ]
+    for label, figures in service:
         if replicas := replica_note(figures.worker_replicas):
             label += f" ({replicas})"
         rows.append(
@@ -182,6 +213,32 @@ def ratios_table(results: Results) -> Table:
     return Table(["ratio", "value", "target", "verdict"], rows)
 
 
+def speedups_table(results: Results) -> Table:
+    """One row per set of speed-ups on the raw pipeline, against the plain one (the first)."""
+    plain = results.speedups[0]
+    rows = [
+        [
+            figures.name,
+            f"{figures.image_latency_s * 1000:.0f} ms",
+            f"{figures.images_per_s:.2f}",
+            f"{figures.images_per_s / plain.images_per_s:.3f}",
+            f"{figures.pixel_difference:.3f}",
+            _seconds(figures.warmup_s),
+        ]
+        for figures in results.speedups
+    ]
+    batch = results.service_batch_size or best_batch_size(results.batch_rates)
+    headers = [
+        "speed-ups (raw pipeline)",
+        "one image",
+        f"images/s, batch {batch}",
+        "vs none",
+        "pixel difference",
+        "warm-up",
+    ]
+    return Table(headers, rows)
+
+
 def summary(results: Results) -> str:
     """What was measured, in one paragraph."""
     work = results.workload
@@ -197,26 +254,36 @@ def summary(results: Results) -> str:
         "above 1. "
         f"Raw pipeline on {results.pipeline_device}; the service's FLUX_SERVE_MAX_BATCH_SIZE is "
         f"{results.service_batch_size or 'as configured'}."
+        + (
+            " 'Batches shared' and 'own batches' are two deployments that differ only in "
+            "FLUX_SERVE_BATCH_ACROSS_REQUESTS."
+            if results.sharing
+            else ""
+        )
+        + (
+            " Speed-ups: 'one image' is the median latency of a batch of one; 'pixel difference' "
+            "is the mean absolute difference from the plain pipeline's images, in 0..255 units; "
+            "'warm-up' is the first call of each shape, where compiling happens."
+            if results.speedups
+            else ""
+        )
         + (f" Machine: {results.machine}." if results.machine else "")
     )
 
 
+def tables(results: Results) -> list[Table]:
+    """Every table of the report, in order."""
+    found = [measurements_table(results), ratios_table(results)]
+    if results.speedups:
+        found.append(speedups_table(results))
+    return found
+
+
 def to_text(results: Results) -> str:
     """The report for a terminal."""
-    return "\n\n".join(
-        [summary(results), measurements_table(results).text(), ratios_table(results).text()]
-    )
+    return "\n\n".join([summary(results), *(table.text() for table in tables(results))])
 
 
 def to_markdown(results: Results) -> str:
     """The report as Markdown."""
-    return (
-        "\n\n".join(
-            [
-                summary(results),
-                measurements_table(results).markdown(),
-                ratios_table(results).markdown(),
-            ]
-        )
-        + "\n"
-    )
+    return "\n\n".join([summary(results), *(table.markdown() for table in tables(results))]) + "\n"

@@ -16,6 +16,10 @@ from bench.workload import Workload
 from serve_app.client import aread_events
 
 _TIMEOUT = httpx.Timeout(1800.0, connect=10.0)
+_WARM_UP_ROUNDS = 10
+# Longer than the Serve config's upscale_delay_s, with room for its metrics to arrive.
+_WARM_UP_S = 15.0
+_SCALING_TIMEOUT_S = 600.0
 
 
 class ServiceError(RuntimeError):
@@ -100,6 +104,24 @@ async def _rounds(
     return rates, timings
 
 
+def warm_up(service: RunningService, body: dict[str, Any], concurrency: int) -> None:
+    """Untimed rounds of one request per client until the autoscaler has settled on the load.
+
+    The first round warms every path. Serve decides to add replicas only after some seconds of
+    load, so the rounds go on for a while, and after any round that added replicas, so that the
+    timed rounds measure the replicas this load keeps, not a scale-up midway (a worker keeps the
+    calls it holds; only later calls reach a new one).
+    """
+    started = time.perf_counter()
+    for _ in range(_WARM_UP_ROUNDS):
+        before = service.worker_replicas()
+        asyncio.run(_rounds(service.url, body, concurrency, 1, 1))
+        service.wait_while_scaling(_SCALING_TIMEOUT_S)
+        settled = service.worker_replicas() == before
+        if settled and time.perf_counter() - started >= _WARM_UP_S:
+            return
+
+
 def measure_service(
     service: RunningService,
     workload: Workload,
@@ -109,13 +131,12 @@ def measure_service(
 ) -> list[ServiceFigures]:
     """Figures at each concurrency, in the order given.
 
-    One untimed round of one request per client comes first: it warms every path and shows the
-    autoscaler the new load. Replicas are counted when the timed rounds start and end.
+    Untimed rounds come first (warm_up). Replicas are counted when the timed rounds start and end.
     """
     body = workload.request_body(stream=True)
     figures = []
     for concurrency in concurrencies:
-        asyncio.run(_rounds(service.url, body, concurrency, 1, 1))
+        warm_up(service, body, concurrency)
         replicas_at_start = service.worker_replicas()
         rates, timings = asyncio.run(
             _rounds(service.url, body, concurrency, repeats, requests_per_client)

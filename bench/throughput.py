@@ -7,9 +7,14 @@
    design's loop of one call per image), called as the service's workers call it;
 2. the service over HTTP (plan, generate, score, store) on its own Ray instance, with the best
    batch size as FLUX_SERVE_MAX_BATCH_SIZE, at each concurrency: images/s, request latency and
-   the arrival of the first streamed image.
+   the arrival of the first streamed image;
+3. many small requests at once, on workers that share batches across requests and, deployed
+   again, on workers that give each request batches of its own;
+4. with --speedups, the raw pipeline with each speed-up setting alone and all together: the
+   latency of one image, images/s, and how far the images move from the plain pipeline's.
 
 Every measurement makes the same images: one request's jobs, with the service's default seeds.
+A preset this machine can't hold (full, on a CPU) runs at its reduced size instead.
 """
 
 from __future__ import annotations
@@ -19,15 +24,17 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from bench.cluster import ServiceSetup, running_service
+from bench.cluster import RunningService, ServiceSetup, running_service
 from bench.pipeline_timing import measure_pipeline
-from bench.presets import PRESETS, ensure_preset, shortfall
-from bench.report import Results, best_batch_size, to_markdown, to_text
-from bench.service_timing import measure_service
+from bench.presets import PRESETS, ensure_preset, runnable_preset
+from bench.report import Results, SharingFigures, best_batch_size, to_markdown, to_text
+from bench.service_timing import ServiceFigures, measure_service
+from bench.speedup_timing import SpeedupTimer, measure_speedups
 from bench.workload import Workload
 from serve_app.model_sources import select_device, select_dtype
 from serve_app.settings import ServiceSettings, get_settings
@@ -61,6 +68,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--requests-per-client", type=int, default=2, help="requests each client sends per repeat"
+    )
+    parser.add_argument(
+        "--small-requests",
+        type=int,
+        default=1,
+        help="images per request in the shared-batches comparison (0: leave it out)",
+    )
+    parser.add_argument(
+        "--small-concurrency", type=int, default=8, help="clients in the shared-batches comparison"
+    )
+    parser.add_argument(
+        "--small-requests-per-client",
+        type=int,
+        default=8,
+        help="requests each client sends per repeat in the shared-batches comparison",
+    )
+    parser.add_argument(
+        "--speedups", action="store_true", help="also time each speed-up setting (slow to compile)"
+    )
+    parser.add_argument(
+        "--attention-backends",
+        type=lambda text: [name for name in text.split(",") if name],
+        default=None,
+        help="diffusers attention backends to try with --speedups "
+        "(default: _native_flash,_native_cudnn on a GPU, none on a CPU)",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode with --speedups (default: max-autotune on a GPU, else default)",
     )
     parser.add_argument(
         "--prompt", default="a photo of a red cat in the city", help="the prompt of every image"
@@ -100,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     device = select_device(settings)
     dtype = select_dtype(settings, device)
-    problem = shortfall(preset, device, dtype, cache_dir)
+    preset, problem = runnable_preset(preset, device, dtype, cache_dir)
     if problem:
         print(problem, file=sys.stderr)
         return 2
@@ -124,10 +161,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         gpus=torch.cuda.device_count(),
     )
     logger.info("service: max batch size %d, concurrency %s", best, args.concurrency)
+    small_workload = replace(workload, images=args.small_requests)
+
+    def small_requests(service: RunningService) -> ServiceFigures:
+        (figures,) = measure_service(
+            service,
+            small_workload,
+            [args.small_concurrency],
+            args.repeats,
+            args.small_requests_per_client,
+        )
+        return figures
+
     with running_service(setup) as service:
         figures = measure_service(
             service, workload, args.concurrency, args.repeats, args.requests_per_client
         )
+        shared = small_requests(service) if args.small_requests else None
+    sharing = None
+    if shared is not None:
+        logger.info("service again, each request in batches of its own")
+        with running_service(replace(setup, batch_across_requests=False)) as service:
+            sharing = SharingFigures(args.small_requests, shared, small_requests(service))
+    speedups = []
+    if args.speedups:
+        cuda = device.type == "cuda"
+        backends = args.attention_backends
+        if backends is None:
+            backends = ["_native_flash", "_native_cudnn"] if cuda else []
+        compile_mode = args.compile_mode or ("max-autotune" if cuda else "default")
+        timer = SpeedupTimer(settings, workload, best, args.repeats)
+        speedups = measure_speedups(timer, backends, compile_mode)
     results = Results(
         preset=preset.name,
         preset_description=preset.description,
@@ -137,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_rates=batch_rates,
         service=figures,
         service_batch_size=best,
+        sharing=sharing,
+        speedups=speedups,
         machine=machine,
     )
     print(to_text(results))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -13,8 +14,17 @@ import torch
 
 from bench import presets
 from bench.cluster import WORKER_DEPLOYMENT, ServiceSetup, serve_config
-from bench.report import Results, Target, best_batch_size, replica_note, to_markdown, to_text
+from bench.report import (
+    Results,
+    SharingFigures,
+    Target,
+    best_batch_size,
+    replica_note,
+    to_markdown,
+    to_text,
+)
 from bench.service_timing import RequestTiming, ServiceError, ServiceFigures, timed_request
+from bench.speedup_timing import SpeedupFigures, SpeedupTimer
 from bench.stats import median, percentile
 from bench.workload import Workload
 from serve_app.settings import ServiceSettings
@@ -67,6 +77,48 @@ def test_full_preset_explains_why_it_cannot_run_on_a_small_cpu_machine(
     assert "'full'" in message
     assert "GiB of memory" in message
     assert presets.shortfall(presets.PRESETS["small"], cpu, torch.float32, tmp_path) is None
+
+
+def test_full_preset_runs_at_reduced_depth_where_it_does_not_fit(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(presets, "available_memory_bytes", lambda: 24 * 2**30)
+    cpu = torch.device("cpu")
+    full = presets.PRESETS["full"]
+    chosen, problem = presets.runnable_preset(full, cpu, torch.float32, tmp_path)
+    assert (chosen, problem) == (full.reduced, None)
+    # Where it fits, it runs whole.
+    monkeypatch.setattr(presets, "available_memory_bytes", lambda: 2**40)
+    assert presets.runnable_preset(full, cpu, torch.float32, tmp_path) == (full, None)
+    small = presets.PRESETS["small"]
+    assert presets.runnable_preset(small, cpu, torch.float32, tmp_path) == (small, None)
+
+
+def test_reduced_full_preset_keeps_every_width_of_flux_schnell() -> None:
+    reduced = presets.PRESETS["full"].reduced
+    assert reduced is not None
+    with torch.device("meta"):
+        whole = presets.build_pipeline(presets.PRESETS["full"])
+        small = presets.build_pipeline(reduced)
+    for name in ("transformer", "text_encoder_2"):
+        reduced_config, whole_config = (
+            config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            for config in (getattr(small, name).config, getattr(whole, name).config)
+        )
+        depths = {"num_layers", "num_single_layers", "num_decoder_layers"}
+        changed = {key for key in whole_config if reduced_config.get(key) != whole_config[key]}
+        assert changed <= depths, changed
+    assert (small.transformer.config.num_layers, small.transformer.config.num_single_layers) == (
+        1,
+        1,
+    )
+    assert small.text_encoder_2.config.num_layers == 1
+    counts = presets.parameter_counts(reduced)
+    assert 0.4e9 < counts["transformer"] < 0.7e9
+    # CLIP-L and the VAE are whole.
+    assert (
+        counts["text_encoder"] == presets.parameter_counts(presets.PRESETS["full"])["text_encoder"]
+    )
 
 
 def test_workload_plans_the_services_jobs() -> None:
@@ -159,11 +211,22 @@ def test_serve_config_changes_only_the_benchmarks_settings(tmp_path: Path) -> No
     env = application["runtime_env"]["env_vars"]
     assert env["FLUX_SERVE_MODEL"] == "/models/small"
     assert env["FLUX_SERVE_MAX_BATCH_SIZE"] == "8"
+    assert env["FLUX_SERVE_BATCH_ACROSS_REQUESTS"] == "true"
     assert env["FLUX_SERVE_DEFAULT_WIDTH"] == env["FLUX_SERVE_DEFAULT_HEIGHT"] == "256"
     assert env["FLUX_SERVE_STORAGE_DIR"] == str(tmp_path / "images")
     assert env["FLUX_SERVE_SCORER_MODEL"] == "tiny"  # kept as shipped
     names = [deployment["name"] for deployment in application["deployments"]]
     assert WORKER_DEPLOYMENT in names
+
+
+def test_serve_config_can_give_each_request_batches_of_its_own(tmp_path: Path) -> None:
+    config = serve_config(replace(setup(gpus=0), batch_across_requests=False), 18123, tmp_path)
+    env = config["applications"][0]["runtime_env"]["env_vars"]
+    value = env["FLUX_SERVE_BATCH_ACROSS_REQUESTS"]
+    assert not ServiceSettings.model_validate(
+        {"batch_across_requests": value}
+    ).batch_across_requests
+    assert value == "false"
 
 
 def test_serve_config_gives_each_worker_a_gpu_where_there_are_gpus(tmp_path: Path) -> None:
@@ -191,6 +254,16 @@ def figures(concurrency: int, images_per_s: float, replicas: tuple[int, int]) ->
     )
 
 
+def speedup(name: str, latency_s: float, images_per_s: float) -> SpeedupFigures:
+    return SpeedupFigures(
+        name=name,
+        image_latency_s=latency_s,
+        images_per_s=images_per_s,
+        pixel_difference=0.25,
+        warmup_s=1.0,
+    )
+
+
 RESULTS = Results(
     preset="small",
     preset_description="a test model",
@@ -200,6 +273,8 @@ RESULTS = Results(
     batch_rates={1: 4.0, 2: 4.4, 4: 5.0, 8: 4.8},
     service=[figures(1, 3.0, (1, 1)), figures(4, 4.5, (1, 2))],
     service_batch_size=4,
+    sharing=SharingFigures(1, figures(8, 4.2, (2, 2)), figures(8, 3.5, (2, 2))),
+    speedups=[speedup("none", 0.5, 5.0), speedup("fused QKV", 0.45, 5.5)],
     machine="2 CPUs, 1-minute load average 0.10 at the start",
 )
 
@@ -214,6 +289,9 @@ def test_ratios_against_the_presets_targets() -> None:
     assert ratios["service c4 / floor"].value == pytest.approx(0.9)
     assert ratios["service c4 / floor"].verdict == "met"
     assert ratios["first image / latency (p50), c4"].value == pytest.approx(0.3)
+    shared = ratios["shared / own batches, 1-image requests c8"]
+    assert shared.value == pytest.approx(1.2)
+    assert shared.verdict == ""
     assert Target(0.5, at_most=True).met_by(0.5)
     assert not Target(0.85).met_by(0.84)
 
@@ -226,6 +304,8 @@ def test_text_report_has_every_measurement_and_ratio() -> None:
     assert "medians of 3 repeats" in text
     assert "FLUX_SERVE_MAX_BATCH_SIZE is 4" in text
     assert "load average 0.10" in text
+    assert "service, 1-image requests, concurrency 8, batches shared (2 worker replicas)" in text
+    assert "service, 1-image requests, concurrency 8, own batches (2 worker replicas)" in text
     lines = text.splitlines()
     floor_line = next(line for line in lines if "(floor)" in line)
     assert floor_line.split()[-1] == "5.00"
@@ -233,10 +313,11 @@ def test_text_report_has_every_measurement_and_ratio() -> None:
 
 def test_markdown_report_is_well_formed_tables() -> None:
     table_lines = [line for line in to_markdown(RESULTS).splitlines() if line.startswith("|")]
-    assert len(table_lines) == (2 + 4 + 2) + (2 + 5)
+    assert len(table_lines) == (2 + 4 + 2 + 2) + (2 + 6) + (2 + 2)
     for line in table_lines:
         assert line.endswith("|")
     assert "| service c4 / floor | 0.900 | >= 0.85 | met |" in table_lines
+    assert "| fused QKV | 450 ms | 5.50 | 1.100 | 0.250 | 1.00 s |" in table_lines
 
 
 @pytest.mark.parametrize(
@@ -251,3 +332,19 @@ def test_markdown_report_is_well_formed_tables() -> None:
 )
 def test_replica_note(replicas: tuple[int | None, int | None], note: str) -> None:
     assert replica_note(replicas) == note
+
+
+def test_speedup_timer_times_the_service_generator_and_compares_pixels(
+    settings: ServiceSettings,
+) -> None:
+    tiny = Workload(prompt="a red cat", images=2, size=64, steps=2)
+    timer = SpeedupTimer(settings, tiny, batch_size=2, repeats=1)
+    plain = timer.measure({})
+    fused = timer.measure({"fuse_qkv": True})
+    assert (plain.name, fused.name) == ("none", "fused QKV")
+    assert plain.pixel_difference == 0.0
+    assert 0.0 <= fused.pixel_difference <= 1.0
+    for figures in (plain, fused):
+        assert figures.image_latency_s > 0
+        assert figures.images_per_s > 0
+        assert figures.warmup_s > 0
