@@ -176,14 +176,14 @@ class RenderScheduler:
 
     async def _deliver(self, batch: _Batch, images: list[Any]) -> None:
         """Encode a batch off the event loop while the next one samples, then hand it out."""
+        by_call: dict[_Call, list[RenderedImage]] = {}
         try:
             rendered = await asyncio.to_thread(self.generator.encode, batch.jobs, images)
+            for (call, _), image in zip(batch.members, rendered, strict=True):
+                by_call.setdefault(call, []).append(image)
         except Exception as error:  # noqa: BLE001 - handed to the calls that wanted the batch
             self._hand_out(batch, error)
             return
-        by_call: dict[_Call, list[RenderedImage]] = {}
-        for (call, _), image in zip(batch.members, rendered, strict=True):
-            by_call.setdefault(call, []).append(image)
         for call, its_images in by_call.items():
             if not call.gone:
                 call.results.put_nowait(its_images)

@@ -33,6 +33,7 @@ class RecordingGenerator:
         self.gates: dict[int, threading.Event] = {}
         self.reached: dict[int, threading.Event] = {}
         self.fail_prompt: str | None = None
+        self.fail_stage = "sample"
         self.interrupted: list[bool] = []
         """Whether each pipeline call was stopped before its last step."""
 
@@ -48,15 +49,19 @@ class RecordingGenerator:
         if number in self.gates:
             self.reached[number].set()
             assert self.gates[number].wait(30), "the test never opened the gate"
-        if any(job.prompt == self.fail_prompt for job in batch):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        self._maybe_fail("sample", batch)
         try:
             return self.generator.sample(batch, cancelled)
         finally:
             self.interrupted.append(self.generator.pipeline.interrupt)
 
     def encode(self, batch: list[SamplingJob], images: list[Any]) -> list[RenderedImage]:
+        self._maybe_fail("encode", batch)
         return self.generator.encode(batch, images)
+
+    def _maybe_fail(self, stage: str, batch: list[SamplingJob]) -> None:
+        if stage == self.fail_stage and any(job.prompt == self.fail_prompt for job in batch):
+            raise RuntimeError(f"{stage}: CUDA error: an illegal memory access was encountered")
 
 
 @pytest.fixture
@@ -189,9 +194,13 @@ def test_a_shared_batch_goes_on_for_the_call_that_stays(recording: RecordingGene
     assert recording.sampled == [[("leaving", 0), ("staying", 0)]]
 
 
-def test_a_failed_batch_fails_only_the_calls_in_it(recording: RecordingGenerator) -> None:
+@pytest.mark.parametrize("stage", ["sample", "encode"])
+def test_a_failed_batch_fails_only_the_calls_in_it(
+    recording: RecordingGenerator, stage: str
+) -> None:
     scheduler = scheduler_on(recording)
     recording.fail_prompt = "doomed"
+    recording.fail_stage = stage
     reached, gate = recording.hold(0)
 
     async def scenario() -> None:
@@ -201,7 +210,7 @@ def test_a_failed_batch_fails_only_the_calls_in_it(recording: RecordingGenerator
         fine = asyncio.create_task(collect(scheduler, [job(0, prompt="fine", steps=1)]))
         await asyncio.sleep(0)
         gate.set()
-        with pytest.raises(RuntimeError, match="illegal memory access"):
+        with pytest.raises(RuntimeError, match=f"{stage}: CUDA error"):
             await doomed
         assert await fine == [[0]]
 
