@@ -16,9 +16,9 @@ from bench.workload import Workload
 from serve_app.client import aread_events
 
 _TIMEOUT = httpx.Timeout(1800.0, connect=10.0)
-_WARM_UP_ROUNDS = 10
-# Longer than the Serve config's upscale_delay_s, with room for its metrics to arrive.
-_WARM_UP_S = 15.0
+# Serve averages the load over 30 s (look_back_period_s), hears of it every 10 s and waits
+# upscale_delay_s (5 s) more before it adds a replica.
+_WARM_UP_S = 30.0
 _SCALING_TIMEOUT_S = 600.0
 
 
@@ -113,12 +113,13 @@ def warm_up(service: RunningService, body: dict[str, Any], concurrency: int) -> 
     calls it holds; only later calls reach a new one).
     """
     started = time.perf_counter()
-    for _ in range(_WARM_UP_ROUNDS):
+    while True:
         before = service.worker_replicas()
         asyncio.run(_rounds(service.url, body, concurrency, 1, 1))
         service.wait_while_scaling(_SCALING_TIMEOUT_S)
         settled = service.worker_replicas() == before
-        if settled and time.perf_counter() - started >= _WARM_UP_S:
+        elapsed = time.perf_counter() - started
+        if (settled and elapsed >= _WARM_UP_S) or elapsed >= _SCALING_TIMEOUT_S:
             return
 
 
