@@ -9,7 +9,7 @@ import os
 import statistics
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -66,31 +66,63 @@ def images_by_replica(metrics_url: str) -> dict[str, float]:
     return counts
 
 
-def test_gpus_spreads_a_request_over_distinct_replicas(
-    serve_cluster: ServeCluster, fault_app: tuple[str, Path]
-) -> None:
-    url, _ = fault_app
+def images_each_replica_made(
+    metrics_url: str, expected: int, requests: Callable[[], None]
+) -> list[float]:
+    """How many images each FluxWorker replica of the fault application made while
+    ``requests`` ran, which make ``expected`` images in all; sorted."""
     # Metrics are exported once a second: wait until earlier counts have settled.
     before: dict[str, float] = {}
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        current = images_by_replica(serve_cluster.metrics_url)
+        current = images_by_replica(metrics_url)
         if current == before and current:
             break
         before = current
         time.sleep(1.5)
-    payload = {"prompt": "a red cat", "nof_images": 8, "gpus": 2, "width": 64, "height": 64}
-    assert httpx.post(f"{url}/generate", json=payload, timeout=120).status_code == 200
+    requests()
     deadline = time.monotonic() + 60
     grown: dict[str, float] = {}
     while time.monotonic() < deadline:
-        after = images_by_replica(serve_cluster.metrics_url)
+        after = images_by_replica(metrics_url)
         grown = {r: n - before.get(r, 0.0) for r, n in after.items() if n > before.get(r, 0.0)}
-        if sum(grown.values()) >= 8:
+        if sum(grown.values()) >= expected:
             break
         time.sleep(1)
+    return sorted(grown.values())
+
+
+def test_gpus_spreads_a_request_over_distinct_replicas(
+    serve_cluster: ServeCluster, fault_app: tuple[str, Path]
+) -> None:
+    url, _ = fault_app
+    payload = {"prompt": "a red cat", "nof_images": 8, "gpus": 2, "width": 64, "height": 64}
+
+    def one_request() -> None:
+        assert httpx.post(f"{url}/generate", json=payload, timeout=120).status_code == 200
+
     # Two shards of four jobs, each on its own replica.
-    assert sorted(grown.values()) == [4.0, 4.0], grown
+    assert images_each_replica_made(serve_cluster.metrics_url, 8, one_request) == [4.0, 4.0]
+
+
+def test_a_burst_of_requests_is_shared_evenly_between_the_workers(
+    serve_cluster: ServeCluster, fault_app: tuple[str, Path]
+) -> None:
+    url, _ = fault_app
+    payload = {"prompt": "a red cat", "nof_images": 8, "width": 128, "height": 128}
+
+    def burst() -> None:
+        async def send() -> list[int]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                responses = await asyncio.gather(
+                    *(client.post(f"{url}/generate", json=payload) for _ in range(4))
+                )
+            return [response.status_code for response in responses]
+
+        assert asyncio.run(send()) == [200] * 4
+
+    # Routed within milliseconds of each other, before any worker reports its load: two each.
+    assert images_each_replica_made(serve_cluster.metrics_url, 32, burst) == [16.0, 16.0]
 
 
 def test_a_request_that_finds_every_worker_busy_streams_before_they_finish(
