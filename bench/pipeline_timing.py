@@ -61,7 +61,12 @@ def measure_pipeline(
     rates = sweep_batch_sizes(timer, workload, batch_sizes, repeats)
     # The service loads its own copy next: give back this one's host and GPU memory first.
     del timer
+    release_memory()
+    return rates
+
+
+def release_memory() -> None:
+    """Give back the host and GPU memory of models no longer referenced."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return rates

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -10,9 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from bench.pipeline_timing import PipelineTimer
+from bench.pipeline_timing import PipelineTimer, release_memory
 from bench.stats import median
 from bench.workload import Workload
 from serve_app.generation import FluxGenerator
@@ -70,9 +68,7 @@ class SpeedupTimer:
             latencies.append(timer.pass_seconds(jobs[:1], 1))
             rates.append(len(jobs) / timer.pass_seconds(jobs, self.batch_size))
         del timer, generator
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()
         return SpeedupFigures(
             name=", ".join(enabled_speedups(settings)) or "none",
             image_latency_s=median(latencies),
