@@ -10,8 +10,8 @@ import torch
 
 from bench.stats import median
 from bench.workload import Workload
-from serve_app.generation import FluxGenerator
-from serve_app.planning import SamplingJob
+from serve_app.generation.pipeline import FluxGenerator
+from serve_app.generation.planning import SamplingJob
 from serve_app.settings import ServiceSettings
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from serve_app.tiny_models import (
+from serve_app.models.tiny import (
     _CLIP_MAX_TOKENS,
     _HIDDEN,
     TINY_FLUX_NAME,
@@ -144,7 +144,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
-        "tiny", TINY_FLUX_NAME, "the embedded tiny FLUX (serve_app/tiny_models.py)", dict
+        "tiny", TINY_FLUX_NAME, "the embedded tiny FLUX (serve_app/models/tiny.py)", dict
     ),
     "small": Preset(
         "small",

@@ -13,7 +13,7 @@ import httpx
 from bench.cluster import RunningService
 from bench.stats import median, percentile
 from bench.workload import Workload
-from serve_app.client import aread_events
+from serve_app.client.events import aread_events
 
 _TIMEOUT = httpx.Timeout(1800.0, connect=10.0)
 # Serve averages the load over 30 s (look_back_period_s), hears of it every 10 s and waits

@@ -13,9 +13,9 @@ import numpy as np
 from bench.pipeline_timing import PipelineTimer, release_memory
 from bench.stats import median
 from bench.workload import Workload
-from serve_app.generation import FluxGenerator
+from serve_app.generation.pipeline import FluxGenerator
+from serve_app.generation.speedups import enabled_speedups
 from serve_app.settings import ServiceSettings
-from serve_app.speedups import enabled_speedups
 
 logger = logging.getLogger(__name__)
 

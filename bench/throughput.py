@@ -36,9 +36,9 @@ from bench.report import Results, SharingFigures, best_batch_size, to_markdown, 
 from bench.service_timing import ServiceFigures, measure_service
 from bench.speedup_timing import SpeedupTimer, measure_speedups
 from bench.workload import Workload
-from serve_app.model_sources import select_device, select_dtype
+from serve_app.models.sources import select_device, select_dtype
+from serve_app.models.tiny import TINY_CLIP_NAME, ensure_tiny_model
 from serve_app.settings import ServiceSettings, get_settings
-from serve_app.tiny_models import TINY_CLIP_NAME, ensure_tiny_model
 
 logger = logging.getLogger("bench")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from serve_app.planning import SamplingJob, plan_jobs
+from serve_app.generation.planning import SamplingJob, plan_jobs
 from serve_app.schemas import GenerateRequest
 from serve_app.settings import ServiceSettings
 

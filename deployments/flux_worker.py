@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 from ray import serve
 
 from deployments.telemetry import RayTelemetry
-from serve_app.generation import FluxGenerator, RenderedImage
-from serve_app.planning import SamplingJob
-from serve_app.scheduling import RenderScheduler
+from serve_app.generation.pipeline import FluxGenerator, RenderedImage
+from serve_app.generation.planning import SamplingJob
+from serve_app.generation.scheduling import RenderScheduler
 from serve_app.settings import get_settings
 
 

@@ -15,14 +15,15 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus
 
 from deployments.telemetry import RayTelemetry
+from serve_app.api.routes import create_app
 from serve_app.faults import Overloaded, WorkerLost
-from serve_app.generation import RenderedImage
-from serve_app.http_api import create_app
-from serve_app.planning import SamplingJob
+from serve_app.generation.pipeline import RenderedImage
+from serve_app.generation.planning import SamplingJob
 from serve_app.schemas import Readiness
 from serve_app.service import GenerationService
 from serve_app.settings import get_settings
-from serve_app.storage import StorageError, make_store
+from serve_app.storage.base import StorageError
+from serve_app.storage.factory import make_store
 
 logger = logging.getLogger("ray.serve")
 

@@ -6,7 +6,7 @@ import asyncio
 
 from ray import serve
 
-from serve_app.scoring import ClipScorer
+from serve_app.models.scoring import ClipScorer
 from serve_app.settings import get_settings
 
 

@@ -25,7 +25,7 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError
 
-from serve_app.samplers import supported_samplers
+from serve_app.generation.samplers import supported_samplers
 from serve_app.settings import get_settings
 
 _limits = get_settings()
@@ -257,6 +257,20 @@ class GenerateResponse(BaseModel):
     count: int = Field(description="Number of images returned.")
     images: list[GeneratedImage]
     latency_ms: int = Field(description="Time from receiving the request to the answer.")
+
+
+class ErrorBody(BaseModel):
+    """What went wrong."""
+
+    type: str = Field(description="Machine-readable kind, e.g. invalid_request.")
+    message: str = Field(description="What went wrong, for people.")
+    param: str | None = Field(None, description="The request field at fault, dotted.")
+
+
+class ErrorEnvelope(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorBody
 
 
 class Readiness(BaseModel):

@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from serve_app.faults import WorkerLost
-from serve_app.generation import RenderedImage
-from serve_app.image_codec import content_type
-from serve_app.planning import SamplingJob, plan_jobs, shard
+from serve_app.generation.pipeline import RenderedImage
+from serve_app.generation.planning import SamplingJob, plan_jobs, shard
 from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse
 from serve_app.settings import ServiceSettings
-from serve_app.storage import ImageStore, StorageError, image_key
+from serve_app.storage.base import ImageStore, StorageError, image_key
+from serve_app.storage.codec import content_type
 from serve_app.telemetry import NoTelemetry, Telemetry
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from serve_app.model_profiles import PROFILES, ModelProfile
+from serve_app.generation.profiles import PROFILES, ModelProfile
 
 EMBEDDED_MODEL = "tiny"
 
@@ -33,7 +33,7 @@ class ServiceSettings(BaseSettings):
         "Face hub id such as black-forest-labs/FLUX.1-schnell, or a local folder.",
     )
     profile: Literal["schnell", "dev"] = Field(
-        "schnell", description="Native sampling settings of the model (see model_profiles.py)."
+        "schnell", description="Native sampling settings of the model (see generation/profiles.py)."
     )
     scorer_model: str = Field(
         EMBEDDED_MODEL,
@@ -69,7 +69,7 @@ class ServiceSettings(BaseSettings):
         "one batch of the default size, which compiles it).",
     )
 
-    # Lossless speed-ups (serve_app/speedups.py); bench/ measures each.
+    # Lossless speed-ups (serve_app/generation/speedups.py); bench/ measures each.
     fuse_qkv: bool = Field(
         False, description="Fuse the query, key and value projections of transformer and VAE."
     )

@@ -21,14 +21,15 @@ os.environ.setdefault("FLUX_SERVE_DEFAULT_HEIGHT", "128")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from deployments.local_cluster import deploy, free_port, wait_until_ready  # noqa: E402
-from serve_app.generation import FluxGenerator, RenderedImage  # noqa: E402
-from serve_app.http_api import create_app  # noqa: E402
-from serve_app.planning import SamplingJob  # noqa: E402
-from serve_app.scheduling import RenderScheduler  # noqa: E402
-from serve_app.scoring import ClipScorer  # noqa: E402
+from serve_app.api.routes import create_app  # noqa: E402
+from serve_app.generation.pipeline import FluxGenerator, RenderedImage  # noqa: E402
+from serve_app.generation.planning import SamplingJob  # noqa: E402
+from serve_app.generation.scheduling import RenderScheduler  # noqa: E402
+from serve_app.models.scoring import ClipScorer  # noqa: E402
 from serve_app.service import GenerationService, RenderStream  # noqa: E402
 from serve_app.settings import ServiceSettings, get_settings  # noqa: E402
-from serve_app.storage import ImageStore, LocalImageStore  # noqa: E402
+from serve_app.storage.base import ImageStore  # noqa: E402
+from serve_app.storage.local import LocalImageStore  # noqa: E402
 
 from .live_server import always_ready, serve_over_http  # noqa: E402
 
@@ -129,7 +130,7 @@ def serve_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeClu
     import ray
     from ray import serve
 
-    from serve_app.cli import build_tiny_models
+    from serve_app.client.cli import build_tiny_models
 
     # Build once here rather than racing in several replicas.
     build_tiny_models(get_settings().cache_dir)

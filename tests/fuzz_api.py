@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from serve_app.http_api import create_app
+from serve_app.api.routes import create_app
 from serve_app.settings import ServiceSettings
-from serve_app.storage import LocalImageStore
+from serve_app.storage.local import LocalImageStore
 
 from .conftest import MakeService
 from .live_server import always_ready

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from serve_app.client import read_events
+from serve_app.client.events import read_events
 
 
 def parse_events(lines: Iterable[str]) -> list[tuple[str, dict[str, object]]]:

@@ -8,9 +8,9 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from serve_app.http_api import create_app
+from serve_app.api.routes import create_app
 from serve_app.settings import ServiceSettings
-from serve_app.storage import LocalImageStore
+from serve_app.storage.local import LocalImageStore
 
 from .conftest import MakeService
 from .live_server import always_ready

@@ -12,26 +12,25 @@ import pytest
 from fastapi import FastAPI, Request
 from pydantic import SecretStr
 
-from serve_app.cli import ExitCode
-from serve_app.cli import main as cli_main
+from serve_app.api.routes import create_app
 from serve_app.client import (
     AsyncFluxClient,
     FluxAPIError,
     FluxClient,
     FluxConnectionError,
     FluxTimeoutError,
-    ServerSentEvent,
-    read_events,
 )
-from serve_app.generation import RenderedImage
-from serve_app.http_api import create_app
-from serve_app.planning import SamplingJob
-from serve_app.scheduling import RenderScheduler
+from serve_app.client.cli import ExitCode
+from serve_app.client.cli import main as cli_main
+from serve_app.client.events import ServerSentEvent, read_events
+from serve_app.generation.pipeline import RenderedImage
+from serve_app.generation.planning import SamplingJob
+from serve_app.generation.scheduling import RenderScheduler
+from serve_app.models.scoring import ClipScorer
 from serve_app.schemas import Diversity, GenerateRequest, Readiness
-from serve_app.scoring import ClipScorer
 from serve_app.service import GenerationService, RenderStream
 from serve_app.settings import ServiceSettings
-from serve_app.storage import LocalImageStore
+from serve_app.storage.local import LocalImageStore
 
 from .conftest import MakeService
 from .images import mean_abs_difference, pixels

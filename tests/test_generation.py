@@ -7,9 +7,9 @@ import io
 import pytest
 from PIL import Image
 
-from serve_app.generation import FluxGenerator
-from serve_app.planning import SamplingJob
-from serve_app.samplers import supported_samplers
+from serve_app.generation.pipeline import FluxGenerator
+from serve_app.generation.planning import SamplingJob
+from serve_app.generation.samplers import supported_samplers
 from serve_app.schemas import SamplingParams
 
 from .images import mean_abs_difference

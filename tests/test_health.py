@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve_app.generation import FluxGenerator
-from serve_app.scoring import ClipScorer
+from serve_app.generation.pipeline import FluxGenerator
+from serve_app.models.scoring import ClipScorer
 from serve_app.settings import ServiceSettings
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from serve_app.storage import LocalImageStore
+from serve_app.storage.local import LocalImageStore
 
 from .images import mean_abs_difference
 from .sse import parse_events

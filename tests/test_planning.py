@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from serve_app.planning import derive_seed, plan_jobs, shard, spread
+from serve_app.generation.planning import derive_seed, plan_jobs, shard, spread
 from serve_app.schemas import GenerateRequest
 from serve_app.settings import ServiceSettings
 
@@ -75,7 +75,7 @@ def test_mix_seeds_differ_per_image_and_repeat_per_request(settings: ServiceSett
 
 
 def test_mix_seeds_are_the_same_in_another_process() -> None:
-    code = "from serve_app.planning import derive_seed; print(derive_seed(3, 5))"
+    code = "from serve_app.generation.planning import derive_seed; print(derive_seed(3, 5))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert int(out.stdout) == derive_seed(3, 5)

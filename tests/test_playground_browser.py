@@ -10,10 +10,10 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from pydantic import SecretStr
 
-from serve_app.http_api import create_app
-from serve_app.samplers import supported_samplers
+from serve_app.api.routes import create_app
+from serve_app.generation.samplers import supported_samplers
 from serve_app.settings import ServiceSettings
-from serve_app.storage import LocalImageStore
+from serve_app.storage.local import LocalImageStore
 
 from .conftest import ROOT, MakeService
 from .live_server import always_ready, serve_over_http

@@ -11,14 +11,14 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from serve_app.api.routes import create_app
 from serve_app.faults import WorkerLost
-from serve_app.generation import FluxGenerator, RenderedImage
-from serve_app.http_api import create_app
-from serve_app.planning import SamplingJob
-from serve_app.scheduling import RenderScheduler
+from serve_app.generation.pipeline import FluxGenerator, RenderedImage
+from serve_app.generation.planning import SamplingJob
+from serve_app.generation.scheduling import RenderScheduler
 from serve_app.schemas import GenerateRequest
 from serve_app.settings import ServiceSettings
-from serve_app.storage import LocalImageStore
+from serve_app.storage.local import LocalImageStore
 
 from .conftest import MakeService
 from .live_server import always_ready

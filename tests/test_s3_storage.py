@@ -15,13 +15,13 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from serve_app.generation import RenderedImage
-from serve_app.http_api import create_app
-from serve_app.planning import SamplingJob
-from serve_app.s3_storage import S3ImageStore
-from serve_app.scheduling import RenderScheduler
+from serve_app.api.routes import create_app
+from serve_app.generation.pipeline import RenderedImage
+from serve_app.generation.planning import SamplingJob
+from serve_app.generation.scheduling import RenderScheduler
 from serve_app.settings import ServiceSettings
-from serve_app.storage import StorageError
+from serve_app.storage.base import StorageError
+from serve_app.storage.s3 import S3ImageStore
 
 from .conftest import MakeService
 from .live_server import always_ready
@@ -253,7 +253,7 @@ def test_settings_refuse_s3_without_a_bucket(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_local_store_check_names_the_folder(tmp_path: Path) -> None:
-    from serve_app.storage import LocalImageStore
+    from serve_app.storage.local import LocalImageStore
 
     store = LocalImageStore(tmp_path / "images", None)
     store.check()

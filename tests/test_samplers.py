@@ -10,7 +10,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-from serve_app.samplers import SAMPLERS, make_scheduler, supported_samplers
+from serve_app.generation.samplers import SAMPLERS, make_scheduler, supported_samplers
 
 SCHNELL_SCHEDULER = dict(FlowMatchEulerDiscreteScheduler(shift=1.0).config)
 IMAGE_SEQ_LEN = 256  # a 256x256 image: (256 / 8 / 2) ** 2 latent patches

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from serve_app.generation import FluxGenerator, RenderedImage
-from serve_app.planning import SamplingJob
-from serve_app.scheduling import RenderScheduler, round_robin
+from serve_app.generation.pipeline import FluxGenerator, RenderedImage
+from serve_app.generation.planning import SamplingJob
+from serve_app.generation.scheduling import RenderScheduler, round_robin
 from serve_app.schemas import SamplingParams
 
 from .images import mean_abs_difference

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from serve_app.samplers import supported_samplers
+from serve_app.generation.samplers import supported_samplers
 from serve_app.schemas import GenerateRequest
 
 ORIGINAL_CLIENT = {

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from serve_app.generation import FluxGenerator
-from serve_app.scoring import ClipScorer
+from serve_app.generation.pipeline import FluxGenerator
+from serve_app.models.scoring import ClipScorer
 
 from .test_generation import job
 

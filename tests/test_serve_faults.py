@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from serve_app.client import aread_events, read_events
+from serve_app.client.events import aread_events, read_events
 
 from .conftest import ServeCluster
 

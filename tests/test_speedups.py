@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 import torch
 
-from serve_app.generation import FluxGenerator
-from serve_app.planning import SamplingJob
+from serve_app.generation.pipeline import FluxGenerator
+from serve_app.generation.planning import SamplingJob
+from serve_app.generation.speedups import enabled_speedups
 from serve_app.schemas import SamplingParams
 from serve_app.settings import ServiceSettings
-from serve_app.speedups import enabled_speedups
 
 from .images import mean_abs_difference
 

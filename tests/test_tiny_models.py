@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.cli import main as cli_main
-from serve_app.tiny_models import (
+from serve_app.client.cli import main as cli_main
+from serve_app.models.tiny import (
     TINY_CLIP_NAME,
     TINY_FLUX_NAME,
     build_tiny_clip,

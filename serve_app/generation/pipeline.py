@@ -9,14 +9,19 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from serve_app import image_codec
-from serve_app.model_sources import quiet_progress_bars, resolve_source, select_device, select_dtype
-from serve_app.planning import SamplingJob
-from serve_app.samplers import make_scheduler
+from serve_app.generation.planning import SamplingJob
+from serve_app.generation.samplers import make_scheduler
+from serve_app.generation.speedups import apply_speedups
+from serve_app.models.sources import (
+    quiet_progress_bars,
+    resolve_source,
+    select_device,
+    select_dtype,
+)
+from serve_app.models.tiny import TINY_FLUX_NAME
 from serve_app.schemas import SamplingParams
 from serve_app.settings import ServiceSettings
-from serve_app.speedups import apply_speedups
-from serve_app.tiny_models import TINY_FLUX_NAME
+from serve_app.storage import codec
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +168,7 @@ class FluxGenerator:
         return [
             RenderedImage(
                 job=job,
-                data=image_codec.encode(image, job.image_format, self.settings.image_quality),
+                data=codec.encode(image, job.image_format, self.settings.image_quality),
             )
             for job, image in zip(batch, images, strict=True)
         ]

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from serve_app.client import (
+from serve_app.client.flux_client import (
     DEFAULT_URL,
     FluxAPIError,
     FluxClient,
@@ -23,9 +23,9 @@ from serve_app.client import (
     FluxError,
     FluxTimeoutError,
 )
+from serve_app.models.tiny import TINY_CLIP_NAME, TINY_FLUX_NAME, ensure_tiny_model
 from serve_app.schemas import Diversity, GeneratedImage, GenerateRequest, SeedMode
 from serve_app.settings import get_settings
-from serve_app.tiny_models import TINY_CLIP_NAME, TINY_FLUX_NAME, ensure_tiny_model
 
 
 class ExitCode(IntEnum):

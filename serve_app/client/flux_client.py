@@ -19,21 +19,25 @@ from __future__ import annotations
 
 from collections.abc import (
     AsyncGenerator,
-    AsyncIterable,
     AsyncIterator,
     Generator,
-    Iterable,
     Iterator,
 )
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from serve_app.errors import ErrorBody, ErrorEnvelope
-from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse, Readiness
+from serve_app.client.events import ServerSentEvent, aread_events, read_events
+from serve_app.schemas import (
+    ErrorBody,
+    ErrorEnvelope,
+    GeneratedImage,
+    GenerateRequest,
+    GenerateResponse,
+    Readiness,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=5.0)
@@ -75,58 +79,6 @@ class FluxAPIError(FluxError):
     def is_client_error(self) -> bool:
         """A 4xx: the request itself (or its API key) was refused."""
         return self.status is not None and 400 <= self.status < 500
-
-
-@dataclass(frozen=True)
-class ServerSentEvent:
-    """One event of a ``text/event-stream``."""
-
-    event: str
-    data: str
-
-
-class EventStreamDecoder:
-    """Builds server-sent events from the lines of a stream, by the rules of the HTML standard.
-
-    ``id`` and ``retry`` fields are skipped: the API sends none, and this client does not reconnect.
-    """
-
-    def __init__(self) -> None:
-        self._event = ""
-        self._data: list[str] = []
-
-    def decode(self, line: str) -> ServerSentEvent | None:
-        """Take one line (without its line break); an event when the line completes one."""
-        if not line:
-            event = ServerSentEvent(self._event or "message", "\n".join(self._data))
-            complete = bool(self._data)
-            self._event, self._data = "", []
-            return event if complete else None
-        if line.startswith(":"):
-            return None
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "event":
-            self._event = value
-        elif name == "data":
-            self._data.append(value)
-        return None
-
-
-def read_events(lines: Iterable[str]) -> Iterator[ServerSentEvent]:
-    """The events of a stream given line by line."""
-    decoder = EventStreamDecoder()
-    for line in lines:
-        if (event := decoder.decode(line)) is not None:
-            yield event
-
-
-async def aread_events(lines: AsyncIterable[str]) -> AsyncIterator[ServerSentEvent]:
-    """The events of a stream given line by line, asynchronously."""
-    decoder = EventStreamDecoder()
-    async for line in lines:
-        if (event := decoder.decode(line)) is not None:
-            yield event
 
 
 class _BearerAuth(httpx.Auth):

@@ -9,7 +9,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.errors import error_response
+from serve_app.api.errors import error_response
 from serve_app.telemetry import Telemetry, outcome_of
 
 REQUEST_ID_HEADER = "X-Request-Id"

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from importlib import resources
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -16,28 +14,29 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Streamin
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
-from serve_app.admission import Admission, Slot
-from serve_app.auth import api_key_guard
-from serve_app.errors import ErrorEnvelope, envelope_for, error_response, install_error_handlers
+from serve_app.api.admission import Admission, Slot
+from serve_app.api.auth import api_key_guard
+from serve_app.api.errors import envelope_for, error_response, install_error_handlers
+from serve_app.api.middleware import BodySizeLimitMiddleware, OutcomeMiddleware, RequestIdMiddleware
+from serve_app.api.playground import playground_page
 from serve_app.faults import RequestTimedOut
-from serve_app.image_codec import content_type
-from serve_app.middleware import BodySizeLimitMiddleware, OutcomeMiddleware, RequestIdMiddleware
-from serve_app.samplers import supported_samplers
-from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse, Readiness
+from serve_app.schemas import (
+    ErrorEnvelope,
+    GeneratedImage,
+    GenerateRequest,
+    GenerateResponse,
+    Readiness,
+)
 from serve_app.service import GenerationService, build_response
-from serve_app.storage import LocalImageStore, StorageError
+from serve_app.storage.base import StorageError
+from serve_app.storage.codec import content_type
+from serve_app.storage.local import LocalImageStore
 from serve_app.telemetry import outcome_of
 
 logger = logging.getLogger(__name__)
 
 
 CheckReadiness = Callable[[], Awaitable[Readiness]]
-
-
-def playground_page() -> str:
-    """The web playground (serve_app/web/index.html) with the supported samplers filled in."""
-    page = (resources.files("serve_app") / "web" / "index.html").read_text(encoding="utf-8")
-    return page.replace("__SUPPORTED_SAMPLERS__", json.dumps(supported_samplers()))
 
 
 def server_sent_event(event: str, payload: BaseModel) -> str:

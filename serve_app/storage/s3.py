@@ -10,7 +10,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from serve_app.settings import ServiceSettings
-from serve_app.storage import StorageError
+from serve_app.storage.base import StorageError
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import secrets
 
 from pydantic import BaseModel, ConfigDict
 
-from serve_app.model_profiles import ModelProfile
+from serve_app.generation.profiles import ModelProfile
 from serve_app.schemas import MAX_SEED, GenerateRequest, SamplingParams, SeedMode
 from serve_app.settings import ImageFormat, ServiceSettings
 

@@ -10,9 +10,14 @@ import threading
 import torch
 from PIL import Image
 
-from serve_app.model_sources import quiet_progress_bars, resolve_source, select_device, select_dtype
+from serve_app.models.sources import (
+    quiet_progress_bars,
+    resolve_source,
+    select_device,
+    select_dtype,
+)
+from serve_app.models.tiny import TINY_CLIP_NAME
 from serve_app.settings import ServiceSettings
-from serve_app.tiny_models import TINY_CLIP_NAME
 
 logger = logging.getLogger(__name__)
 

@@ -7,28 +7,14 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from serve_app.auth import AuthenticationError
+from serve_app.api.auth import AuthenticationError
 from serve_app.faults import Overloaded, RequestTimedOut, WorkerLost
-from serve_app.storage import StorageError
+from serve_app.schemas import ErrorBody, ErrorEnvelope
+from serve_app.storage.base import StorageError
 
 logger = logging.getLogger(__name__)
-
-
-class ErrorBody(BaseModel):
-    """What went wrong."""
-
-    type: str = Field(description="Machine-readable kind, e.g. invalid_request.")
-    message: str = Field(description="What went wrong, for people.")
-    param: str | None = Field(None, description="The request field at fault, dotted.")
-
-
-class ErrorEnvelope(BaseModel):
-    """The body of every error response."""
-
-    error: ErrorBody
 
 
 def error_response(status: int, type_: str, message: str, param: str | None = None) -> JSONResponse:

@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from serve_app.generation import RenderCancelled, RenderedImage
-from serve_app.planning import SamplingJob
+from serve_app.generation.pipeline import RenderCancelled, RenderedImage
+from serve_app.generation.planning import SamplingJob
 from serve_app.telemetry import NoTelemetry, Telemetry
 
 logger = logging.getLogger(__name__)

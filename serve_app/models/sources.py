@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
+from serve_app.models.tiny import ensure_tiny_model
 from serve_app.settings import EMBEDDED_MODEL, ServiceSettings
-from serve_app.tiny_models import ensure_tiny_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

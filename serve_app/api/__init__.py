@@ -1,0 +1,1 @@
+"""The HTTP surface: FastAPI routes, middleware, the error envelope, auth, admission, playground."""

@@ -1,0 +1,27 @@
+"""The Python client of the REST API (sync and async) and the ``flux-serve`` command.
+
+``from serve_app.client import FluxClient`` is the documented entry point; the client lives in
+``flux_client``, server-sent event decoding in ``events`` and the command in ``cli``.
+"""
+
+from serve_app.client.flux_client import (
+    DEFAULT_URL,
+    AsyncFluxClient,
+    FluxAPIError,
+    FluxClient,
+    FluxConnectionError,
+    FluxError,
+    FluxProtocolError,
+    FluxTimeoutError,
+)
+
+__all__ = [
+    "DEFAULT_URL",
+    "AsyncFluxClient",
+    "FluxAPIError",
+    "FluxClient",
+    "FluxConnectionError",
+    "FluxError",
+    "FluxProtocolError",
+    "FluxTimeoutError",
+]

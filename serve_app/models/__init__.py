@@ -1,0 +1,1 @@
+"""The models: where they come from, the tiny ones built locally, and the CLIP scorer."""

@@ -1,0 +1,1 @@
+"""Where images go: the store interface, the local folder and S3 stores, the image codec."""
