@@ -17,6 +17,7 @@ from ray.serve.schema import ApplicationStatus
 from deployments.telemetry import RayTelemetry
 from serve_app.api.routes import create_app
 from serve_app.faults import Overloaded, WorkerLost
+from serve_app.generation.adapter_library import AdapterRefused
 from serve_app.generation.pipeline import RenderedImage
 from serve_app.generation.planning import SamplingJob
 from serve_app.schemas import Readiness
@@ -31,9 +32,12 @@ logger = logging.getLogger("ray.serve")
 @contextlib.contextmanager
 def replica_faults(deployment: str) -> Iterator[None]:
     """Ray's errors as the request flow knows them: a lost replica can be retried elsewhere, a
-    full queue means overload."""
+    full queue means overload, a refused adapter is the client's error."""
     try:
         yield
+    except AdapterRefused as error:
+        # Ray wraps it (RayTaskError, with the replica's traceback as its text): unwrap it.
+        raise AdapterRefused(error.position, error.field, error.reason) from None
     except (RayActorError, ActorUnavailableError) as error:
         raise WorkerLost(f"a {deployment} replica was lost: {type(error).__name__}") from error
     except BackPressureError as error:

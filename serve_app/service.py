@@ -15,9 +15,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from serve_app.faults import WorkerLost
+from serve_app.generation.adapter_library import AdapterLibrary
 from serve_app.generation.pipeline import RenderedImage
 from serve_app.generation.planning import SamplingJob, plan_jobs, shard
-from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse
+from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse, Lora
 from serve_app.settings import ServiceSettings
 from serve_app.storage.base import ImageStore, StorageError, image_key
 from serve_app.storage.codec import content_type
@@ -57,18 +58,34 @@ class GenerationService:
         score: ScoreImages,
         store: ImageStore,
         telemetry: Telemetry | None = None,
+        library: AdapterLibrary | None = None,
     ) -> None:
         self.settings = settings
         self._render = render
         self._score = score
         self.store = store
         self.telemetry = telemetry or NoTelemetry()
+        self.library = library or AdapterLibrary(settings)
+
+    async def resolve_loras(self, request: GenerateRequest) -> tuple[Lora, ...]:
+        """The request's adapters, checked against the library, with their files' digests;
+        AdapterRefused naming the entry that can't be used."""
+        if not request.loras:
+            return ()
+        return await asyncio.to_thread(self.library.resolve, request.loras)
+
+    async def pin_loras(self, request: GenerateRequest) -> GenerateRequest:
+        """``request`` with each adapter's digest set, so that its images use exactly the files
+        checked now; AdapterRefused before any work starts."""
+        if not request.loras:
+            return request
+        return request.model_copy(update={"loras": list(await self.resolve_loras(request))})
 
     async def images(
         self, request: GenerateRequest, request_id: str, base_url: str
     ) -> AsyncIterator[GeneratedImage]:
         """Yield each image as soon as it is stored; with top_k, only the K best, best first."""
-        jobs = plan_jobs(request, self.settings)
+        jobs = plan_jobs(request, self.settings, await self.resolve_loras(request))
         destination = _Destination(request_id, uuid.uuid4().hex[:12], base_url)
         if request.top_k is None:
             async for batch in self._rendered(jobs, request.gpus):

@@ -9,6 +9,7 @@ from typing import Literal, Protocol
 
 Stage = Literal["generation", "scoring", "upload"]
 Outcome = Literal["success", "client_error", "server_error"]
+AdapterOutcome = Literal["hit", "miss", "evicted"]
 
 
 def outcome_of(status_code: int) -> Outcome:
@@ -35,6 +36,10 @@ class Telemetry(Protocol):
     def jobs_in_flight(self, change: int) -> None:
         """Sampling jobs dispatched and not yet returned changed by ``change``."""
 
+    def adapter_cache(self, outcome: AdapterOutcome) -> None:
+        """A worker found a batch's adapter loaded (hit), had to load it (miss), or unloaded one
+        to make room (evicted)."""
+
 
 class NoTelemetry:
     """Reports nowhere: for tools and tests that run the service outside a cluster."""
@@ -49,4 +54,7 @@ class NoTelemetry:
         pass
 
     def jobs_in_flight(self, change: int) -> None:
+        pass
+
+    def adapter_cache(self, outcome: AdapterOutcome) -> None:
         pass

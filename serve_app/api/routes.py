@@ -25,6 +25,7 @@ from serve_app.schemas import (
     GeneratedImage,
     GenerateRequest,
     GenerateResponse,
+    LoraListing,
     Readiness,
 )
 from serve_app.service import GenerationService, build_response
@@ -143,6 +144,8 @@ def create_app(
         request_id: str = request.state.request_id
         base_url = str(request.base_url)
         logger.debug("request %s: prompt %r", request_id, body.prompt)
+        # Adapters are checked (and pinned) first: a bad one is a 422, even for a stream.
+        body = await service.pin_loras(body)
         slot = admission.admit()
         if body.stream:
             return StreamingResponse(
@@ -157,6 +160,19 @@ def create_app(
                 return await service.generate(body, request_id, base_url, started)
         finally:
             slot.release()
+
+    @app.get(
+        "/loras",
+        dependencies=authenticated,
+        response_model=LoraListing,
+        responses={
+            401: _ERRORS[401],
+            503: {"model": ErrorEnvelope, "description": "The adapter library can't be read."},
+        },
+    )
+    async def loras() -> LoraListing:
+        """The LoRA adapters requests may apply (loras.N.name), and files that can't be used."""
+        return await asyncio.to_thread(service.library.listing)
 
     @app.get("/healthz", response_model=Readiness, responses={503: {"model": Readiness}})
     async def healthz() -> JSONResponse:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from serve_app.generation.adapter_runtime import AdapterRuntime, adapter_runtime
 from serve_app.generation.planning import SamplingJob
 from serve_app.generation.samplers import make_scheduler
 from serve_app.generation.speedups import apply_speedups
@@ -22,6 +23,7 @@ from serve_app.models.tiny import TINY_FLUX_NAME
 from serve_app.schemas import SamplingParams
 from serve_app.settings import ServiceSettings
 from serve_app.storage import codec
+from serve_app.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class RenderedImage(BaseModel):
 class FluxGenerator:
     """A loaded FLUX pipeline that turns batches of sampling jobs into images."""
 
-    def __init__(self, settings: ServiceSettings) -> None:
+    def __init__(self, settings: ServiceSettings, telemetry: Telemetry | None = None) -> None:
         from diffusers import FluxPipeline
 
         quiet_progress_bars()
@@ -56,6 +58,8 @@ class FluxGenerator:
         self._scheduler_config = dict(self.pipeline.scheduler.config)
         # Guidance-distilled models (dev) take the scale as an input; schnell needs true CFG.
         self.guidance_distilled = bool(self.pipeline.transformer.config.guidance_embeds)
+        # Before compiling: with compile_mode, the adapter slots are part of the compiled graph.
+        self.adapters: AdapterRuntime | None = adapter_runtime(self.pipeline, settings, telemetry)
         apply_speedups(self.pipeline, settings)
         # One pipeline, one scheduler slot: calls from several threads must take turns.
         self._lock = threading.Lock()
@@ -158,6 +162,8 @@ class FluxGenerator:
             raise ValueError(f"a batch must share one batch key, got {len(keys)}")
         arguments = self.pipeline_arguments(batch)
         with self._lock:
+            if self.adapters is not None:
+                self.adapters.activate(batch[0].params.loras)
             images: list[Any] = self._run(batch[0].params.sampler, arguments, cancelled)
         if cancelled is not None and cancelled.is_set():
             raise RenderCancelled(f"cancelled batch of {len(batch)} images")

@@ -9,7 +9,7 @@ import secrets
 from pydantic import BaseModel, ConfigDict
 
 from serve_app.generation.profiles import ModelProfile
-from serve_app.schemas import MAX_SEED, GenerateRequest, SamplingParams, SeedMode
+from serve_app.schemas import MAX_SEED, GenerateRequest, Lora, SamplingParams, SeedMode
 from serve_app.settings import ImageFormat, ServiceSettings
 
 
@@ -26,9 +26,11 @@ class SamplingJob(BaseModel):
 
     def batch_key(self) -> tuple[object, ...]:
         """Jobs with equal keys can share one pipeline call, whichever request they come from:
-        prompts, negative prompts and seeds go into a pipeline call one per image."""
+        prompts, negative prompts and seeds go into a pipeline call one per image; adapters and
+        their scales apply to the whole call."""
         p = self.params
-        return (p.sampler, p.steps, p.cfg_scale, p.width, p.height)
+        adapters = tuple((lora.digest, lora.scale) for lora in p.loras)
+        return (p.sampler, p.steps, p.cfg_scale, p.width, p.height, adapters)
 
 
 def spread(combinations: int, count: int) -> list[int]:
@@ -56,8 +58,11 @@ def seed_for(mode: SeedMode, base_seed: int, index: int) -> int:
     return secrets.randbelow(MAX_SEED + 1)
 
 
-def plan_jobs(request: GenerateRequest, settings: ServiceSettings) -> list[SamplingJob]:
-    """The jobs of ``request``, one per image, in a deterministic order."""
+def plan_jobs(
+    request: GenerateRequest, settings: ServiceSettings, loras: tuple[Lora, ...] = ()
+) -> list[SamplingJob]:
+    """The jobs of ``request``, one per image, in a deterministic order; every image applies
+    ``loras`` (the request's adapters as the library resolved them, digests included)."""
     native: ModelProfile = settings.native
     diversity = request.diversity
     combinations = list(
@@ -80,6 +85,7 @@ def plan_jobs(request: GenerateRequest, settings: ServiceSettings) -> list[Sampl
             seed=seed_for(diversity.seeds, base_seed, index),
             width=width,
             height=height,
+            loras=loras,
         )
         jobs.append(
             SamplingJob(

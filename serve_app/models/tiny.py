@@ -1,4 +1,4 @@
-"""Tiny FLUX and CLIP models built locally: real diffusers/transformers classes, random weights.
+"""Tiny FLUX, its LoRAs and CLIP built locally: real diffusers/transformers classes, random weights.
 
 They are the embedded default and the test models: saved to disk and then loaded through the very
 same ``from_pretrained`` path as the production weights, so nothing downstream knows the difference.
@@ -17,6 +17,7 @@ import torch
 
 TINY_FLUX_NAME = "tiny-flux-v1"
 TINY_CLIP_NAME = "tiny-clip-v1"
+TINY_LORAS_NAME = "tiny-flux-loras-v1"
 _SEED = 20260101
 _HIDDEN = 32
 _CLIP_MAX_TOKENS = 77
@@ -202,7 +203,18 @@ def build_tiny_clip(directory: Path) -> Path:
     return directory
 
 
-_BUILDERS = {TINY_FLUX_NAME: build_tiny_flux, TINY_CLIP_NAME: build_tiny_clip}
+def build_tiny_loras(directory: Path) -> Path:
+    """Write the tiny FLUX's adapter library (serve_app/models/tiny_loras.py) into ``directory``."""
+    from serve_app.models.tiny_loras import TINY_LORAS, write_loras
+
+    return write_loras(_flux_pipeline().transformer, directory, TINY_LORAS)
+
+
+_BUILDERS = {
+    TINY_FLUX_NAME: build_tiny_flux,
+    TINY_CLIP_NAME: build_tiny_clip,
+    TINY_LORAS_NAME: build_tiny_loras,
+}
 
 
 def ensure_tiny_model(name: str, cache_dir: Path) -> Path:
