@@ -23,7 +23,7 @@ from serve_app.client.flux_client import (
     FluxError,
     FluxTimeoutError,
 )
-from serve_app.models.tiny import TINY_CLIP_NAME, TINY_FLUX_NAME, ensure_tiny_model
+from serve_app.models.tiny import TINY_CLIP_NAME, TINY_FLUX_NAME, TINY_LORAS_NAME, ensure_tiny_model
 from serve_app.schemas import Diversity, GeneratedImage, GenerateRequest, SeedMode
 from serve_app.settings import get_settings
 
@@ -55,8 +55,9 @@ _PIPED_WIDTH = 1000
 
 
 def build_tiny_models(cache_dir: Path) -> None:
-    """Build the embedded tiny FLUX and CLIP into ``cache_dir`` (kept if already there)."""
-    for name in (TINY_FLUX_NAME, TINY_CLIP_NAME):
+    """Build the embedded tiny FLUX, its LoRA library and CLIP into ``cache_dir`` (each kept if
+    already there)."""
+    for name in (TINY_FLUX_NAME, TINY_LORAS_NAME, TINY_CLIP_NAME):
         print(ensure_tiny_model(name, cache_dir))
 
 
@@ -260,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser(
-        "build-tiny-models", help="Build the embedded tiny FLUX and CLIP models and print where."
+        "build-tiny-models",
+        help="Build the embedded tiny FLUX, its LoRAs and CLIP, and print where.",
     )
     build.add_argument(
         "cache_dir",
