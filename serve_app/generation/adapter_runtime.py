@@ -18,8 +18,10 @@ Two ways, by compile mode:
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -70,6 +72,14 @@ def linear_layers(transformer: Any) -> dict[str, torch.nn.Linear]:
         for name, module in transformer.named_modules()
         if isinstance(module, torch.nn.Linear)
     }
+
+
+@contextlib.contextmanager
+def _side_by_side() -> Iterator[None]:
+    """Load one more adapter beside others: the point here, which peft warns about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Already found a `peft_config`")
+        yield
 
 
 def _misfit(layer: AdaptedLayer, linears: dict[str, torch.nn.Linear]) -> str | None:
@@ -188,12 +198,13 @@ class NamedAdapters(_CachedAdapters):
         assert loaded.lora.digest is not None
         name = "lora_" + loaded.lora.digest.removeprefix("sha256:")[:16]
         try:
-            self.transformer.load_lora_adapter(
-                self._tensors(loaded),
-                prefix="transformer",
-                adapter_name=name,
-                metadata=loaded.file.diffusers_metadata(),
-            )
+            with _side_by_side():
+                self.transformer.load_lora_adapter(
+                    self._tensors(loaded),
+                    prefix="transformer",
+                    adapter_name=name,
+                    metadata=loaded.file.diffusers_metadata(),
+                )
         except Exception as error:  # diffusers and peft raise many kinds
             raise AdapterRefused(
                 position, "name", f"adapter {loaded.lora.name!r} could not be loaded: {error}"
@@ -291,12 +302,13 @@ class HotswapSlots(_CachedAdapters):
         self.pipeline.enable_lora_hotswap(target_rank=self.rank)
         device, dtype = self.transformer.device, self.transformer.dtype
         for slot in self.slots:
-            self.transformer.load_lora_adapter(
-                {key: tensor.to(device, dtype) for key, tensor in empty.items()},
-                prefix="transformer",
-                adapter_name=slot.name,
-                metadata=dict(metadata),
-            )
+            with _side_by_side():
+                self.transformer.load_lora_adapter(
+                    {key: tensor.to(device, dtype) for key, tensor in empty.items()},
+                    prefix="transformer",
+                    adapter_name=slot.name,
+                    metadata=dict(metadata),
+                )
         names = [slot.name for slot in self.slots]
         self.transformer.set_adapters(names, weights=[0.0] * len(names))
         from peft.tuners.lora import LoraLayer
