@@ -25,7 +25,7 @@ from .images import mean_abs_difference
 from .live_server import always_ready, serve_over_http
 from .loras import ATTENTION, CONTEXT, EVERYTHING, MISFIT, MLP, mixed_library
 
-BASE = SamplingParams(sampler="euler", steps=4, cfg_scale=1.0, seed=11, width=128, height=128)
+BASE = SamplingParams(sampler="euler", steps=4, cfg_scale=1.0, seed=11, width=64, height=64)
 
 
 def resolved(generator: FluxGenerator, *loras: Lora) -> tuple[Lora, ...]:
