@@ -24,7 +24,7 @@ from serve_app.client.flux_client import (
     FluxTimeoutError,
 )
 from serve_app.models.tiny import TINY_CLIP_NAME, TINY_FLUX_NAME, TINY_LORAS_NAME, ensure_tiny_model
-from serve_app.schemas import Diversity, GeneratedImage, GenerateRequest, SeedMode
+from serve_app.schemas import Diversity, GeneratedImage, GenerateRequest, Lora, SeedMode
 from serve_app.settings import get_settings
 
 
@@ -119,9 +119,31 @@ def health(client: FluxClient, console: Console) -> ExitCode:
     return ExitCode.UNAVAILABLE
 
 
+def loras(client: FluxClient, console: Console) -> ExitCode:
+    """Print the service's LoRA adapters (and the library's files it refuses)."""
+    listing = client.loras()
+    table = Table("name", "rank", "alpha", "layers", "size", "digest")
+    for info in listing.loras:
+        size = f"{info.size_bytes / 2**20:.1f} MiB"
+        layers = f"{info.modules} ({len(info.layers)} kinds)"
+        table.add_row(info.name, str(info.rank), f"{info.alpha:g}", layers, size, info.digest)
+    _stdout_console().print(table)
+    for refused in listing.refused:
+        console.print(f"refused {refused.name}: {refused.reason}", markup=False, highlight=False)
+    console.print(
+        f"{len(listing.loras)} adapters; at most {listing.max_per_request} per request",
+        markup=False,
+        highlight=False,
+    )
+    return ExitCode.OK
+
+
 def _images_table(images: list[GeneratedImage], saved: dict[int, Path]) -> Table:
     table = Table("#", "score", "sampler", "steps", "cfg", "seed")
     table.add_column("url", overflow="fold")
+    with_adapters = any(image.sampling_params.loras for image in images)
+    if with_adapters:
+        table.add_column("loras")
     if saved:
         table.add_column("file")
     for image in images:
@@ -129,10 +151,16 @@ def _images_table(images: list[GeneratedImage], saved: dict[int, Path]) -> Table
         score = "-" if image.score is None else f"{image.score:.2f}"
         row = [str(image.index), score, params.sampler, str(params.steps)]
         row += [str(params.cfg_scale), str(params.seed), image.url]
+        if with_adapters:
+            row.append(_adapters_text(params.loras))
         if saved:
             row.append(str(saved.get(image.index, "")))
         table.add_row(*row)
     return table
+
+
+def _adapters_text(adapters: tuple[Lora, ...]) -> str:
+    return ", ".join(f"{lora.name}:{lora.scale:g}" for lora in adapters) or "-"
 
 
 def _stdout_console() -> Console:
@@ -197,6 +225,7 @@ def _request(arguments: argparse.Namespace) -> GenerateRequest:
         "negative_prompt": arguments.negative_prompt,
         "base_seed": arguments.base_seed,
         "diversity": Diversity.model_construct(**diversity) if diversity else None,
+        "loras": arguments.loras,
     }
     return GenerateRequest.model_construct(**_given(fields))
 
@@ -213,6 +242,15 @@ def _comma_list(parse: Callable[[str], Any]) -> Callable[[str], list[Any]]:
             raise argparse.ArgumentTypeError(f"{text!r}: {error}") from error
 
     return parse_list
+
+
+def _lora(text: str) -> Lora:
+    """``NAME`` or ``NAME:SCALE``; the service checks the name and the scale's bounds."""
+    name, separator, scale = text.partition(":")  # names never hold a colon
+    try:
+        return Lora.model_construct(name=name, scale=float(scale) if separator else 1.0)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: the scale is not a number") from error
 
 
 def _service_url(text: str) -> str:
@@ -320,10 +358,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpus", metavar="N", type=int, help="How many workers may share the request."
     )
     generating.add_argument(
+        "--lora",
+        metavar="NAME[:SCALE]",
+        dest="loras",
+        action="append",
+        type=_lora,
+        help="Apply a LoRA adapter of the service's library (see `flux-serve loras`), at SCALE "
+        "(default 1); repeat for several.",
+    )
+    generating.add_argument(
         "--out",
         metavar="DIR",
         type=Path,
         help="Download the images into this folder (created if needed).",
+    )
+    commands.add_parser(
+        "loras",
+        parents=service,
+        help="List the LoRA adapters the service can apply.",
+        epilog=EXIT_CODES,
+        formatter_class=keep_layout,
     )
     commands.add_parser(
         "health",
@@ -349,6 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ) as client:
             if arguments.command == "health":
                 return health(client, console)
+            if arguments.command == "loras":
+                return loras(client, console)
             return generate(client, _request(arguments), arguments.out, console)
     except FluxError as error:
         return _failure(error, arguments, console)
