@@ -12,6 +12,7 @@ from pydantic import SecretStr
 
 from serve_app.api.routes import create_app
 from serve_app.generation.samplers import supported_samplers
+from serve_app.models.tiny_loras import TINY_LORAS
 from serve_app.settings import ServiceSettings
 from serve_app.storage.local import LocalImageStore
 
@@ -117,13 +118,36 @@ def test_the_api_key_is_sent_and_kept(
     keyed = settings.model_copy(update={"api_keys": [SecretStr(KEY)]})
     with serve_over_http(create_app(make_service(keyed, store), always_ready)) as url:
         page.goto(f"{url}/")
+        expect(page.locator("#loras")).to_contain_text("Enter the API key to list them")
         ask(page, "a red cat", nof_images="1")
         expect(page.locator("#error")).to_contain_text("a valid API key is required")
 
         page.fill("#api_key", KEY)
+        page.dispatch_event("#api_key", "change")
+        expect(page.locator("input[name=lora]")).to_have_count(len(TINY_LORAS))
         page.click("#submit")
         page.wait_for_function(ALL_LOADED, arg=1)
         expect(page.locator("#error")).to_be_hidden()
 
         page.reload()
         expect(page.locator("#api_key")).to_have_value(KEY)
+
+
+def test_adapters_are_picked_from_the_library_with_their_scales(live_url: str, page: Page) -> None:
+    page.goto(f"{live_url}/")
+    boxes = page.locator("input[name=lora]")
+    expect(boxes).to_have_count(len(TINY_LORAS))
+    assert boxes.evaluate_all("boxes => boxes.map(b => b.value)") == sorted(
+        spec.name for spec in TINY_LORAS
+    )
+    page.check("input[name=lora][value=tiny-attention]")
+    page.fill('input[name=lora_scale][data-lora="tiny-attention"]', "0.5")
+    page.check("input[name=lora][value=tiny-mlp]")
+    ask(page, "a red cat", nof_images="2")
+
+    page.wait_for_function(ALL_LOADED, arg=2)
+    screenshot(page, "playground-loras")
+    captions = page.locator("#grid figcaption").all_inner_texts()
+    assert len(captions) == 2
+    assert all("tiny-attention 0.5 · tiny-mlp 1" in caption for caption in captions), captions
+    expect(page.locator("#error")).to_be_hidden()
