@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -217,19 +218,18 @@ _BUILDERS = {
 }
 
 
-def ensure_tiny_model(name: str, cache_dir: Path) -> Path:
-    """Return the folder of tiny model ``name`` in ``cache_dir``, building it on first use.
+def build_once(target: Path, build: Callable[[Path], Path]) -> Path:
+    """``target``, built by ``build(folder)`` unless it exists.
 
     Replicas may start at once on one node: each builds into a private folder and renames it into
     place, so a reader never sees a half-written model.
     """
-    target = cache_dir / name
     if target.is_dir():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        _BUILDERS[name](staging)
+        build(staging)
         os.rename(staging, target)
     except OSError:
         if not target.is_dir():
@@ -237,3 +237,8 @@ def ensure_tiny_model(name: str, cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def ensure_tiny_model(name: str, cache_dir: Path) -> Path:
+    """Return the folder of tiny model ``name`` in ``cache_dir``, building it on first use."""
+    return build_once(cache_dir / name, _BUILDERS[name])
