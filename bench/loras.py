@@ -27,7 +27,7 @@ from pathlib import Path
 from bench.cluster import ServiceSetup, running_service
 from bench.lora_timing import MixFigures, SwitchFigures, ensure_loras, measure_mix, measure_switches
 from bench.presets import PRESETS, ensure_preset, runnable_preset
-from bench.report import Ratio, Table, Target
+from bench.report import Ratio, Table, Target, publish
 from bench.workload import Workload
 from serve_app.models.sources import select_device, select_dtype
 from serve_app.models.tiny import TINY_CLIP_NAME, ensure_tiny_model
@@ -197,9 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 service, workload, names, args.concurrency, args.repeats, args.requests_per_client
             )
     results = LoraResults(preset.name, workload, args.repeats, switches, mix, machine)
-    print(to_text(results))
-    if args.markdown:
-        args.markdown.write_text(to_markdown(results))
+    publish(to_text(results), to_markdown(results), args.markdown)
     return 0
 
 

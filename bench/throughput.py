@@ -32,7 +32,14 @@ import torch
 from bench.cluster import RunningService, ServiceSetup, running_service
 from bench.pipeline_timing import measure_pipeline
 from bench.presets import PRESETS, ensure_preset, runnable_preset
-from bench.report import Results, SharingFigures, best_batch_size, to_markdown, to_text
+from bench.report import (
+    Results,
+    SharingFigures,
+    best_batch_size,
+    publish,
+    to_markdown,
+    to_text,
+)
 from bench.service_timing import ServiceFigures, measure_service
 from bench.speedup_timing import SpeedupTimer, measure_speedups
 from bench.workload import Workload
@@ -205,9 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         speedups=speedups,
         machine=machine,
     )
-    print(to_text(results))
-    if args.markdown:
-        args.markdown.write_text(to_markdown(results))
+    publish(to_text(results), to_markdown(results), args.markdown)
     return 0
 
 

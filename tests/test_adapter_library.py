@@ -4,7 +4,6 @@ and the workers' adapter cache."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from serve_app.schemas import Lora
 from serve_app.settings import ServiceSettings
 
 from .loras import ATTENTION, BAD_FILES, EVERYTHING, MISFIT, MLP, mixed_library, tiny_library
-from .s3_server import SeaweedS3, credentials_env
+from .s3_server import SeaweedS3
 
 
 @pytest.fixture(scope="module")
@@ -128,19 +127,6 @@ def test_settings_refuse_fused_projections_with_adapters() -> None:
     with pytest.raises(ValueError, match="fuse_qkv can't be combined with LoRA adapters"):
         ServiceSettings(fuse_qkv=True)
     assert ServiceSettings(fuse_qkv=True, max_loras=0).serves_loras is False
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in credentials_env().items():
-            patch.setenv(name, value)
-        server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
 
 
 def test_a_library_in_s3_lists_refuses_and_loads_like_a_folder(

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from .conftest import ServeCluster
+from .conftest import ServeCluster, extra_application
 from .loras import ATTENTION, MISFIT, MLP, mixed_library
 
 pytestmark = pytest.mark.ray
@@ -39,11 +39,6 @@ def lora_app(
     serve_cluster: ServeCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """An application on a library with a misfit, and two workers that each keep one adapter."""
-    from ray import serve
-
-    from deployments.flux_worker import FluxWorker
-    from deployments.ingress import Ingress
-    from deployments.scorer import Scorer
     from serve_app.settings import get_settings
 
     work = tmp_path_factory.mktemp("lora-app")
@@ -54,16 +49,8 @@ def lora_app(
         "FLUX_SERVE_MAX_LORAS": "1",
         "FLUX_SERVE_LORA_CACHE_SIZE": "1",
     }
-    options = {"num_cpus": 0.25, "num_gpus": 0, "runtime_env": {"env_vars": env}}
-    app = Ingress.options(ray_actor_options=options).bind(
-        FluxWorker.options(num_replicas=2, ray_actor_options=options).bind(),
-        Scorer.options(ray_actor_options=options).bind(),
-    )
-    serve.run(app, name="loras", route_prefix="/lora-app")
-    try:
-        yield f"{serve_cluster.url}/lora-app"
-    finally:
-        serve.delete("loras")
+    with extra_application("loras", env) as prefix:
+        yield f"{serve_cluster.url}{prefix}"
 
 
 def test_a_misfit_refused_by_a_worker_is_a_422_across_ray(lora_app: str) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -112,7 +112,6 @@ class _CachedAdapters:
         library: AdapterLibrary,
         settings: ServiceSettings,
         telemetry: Telemetry,
-        evict: Callable[[str, Any], None],
     ) -> None:
         self.pipeline = pipeline
         self.transformer = pipeline.transformer
@@ -122,8 +121,15 @@ class _CachedAdapters:
         self.counts = _Counts()
         self.linears = linear_layers(self.transformer)
         self.cache: AdapterCache[Any] = AdapterCache(
-            settings.lora_cache_size, settings.lora_cache_bytes, evict
+            settings.lora_cache_size, settings.lora_cache_bytes, self._evict
         )
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Get the transformer ready for adapters (before it is compiled)."""
+
+    def _evict(self, digest: str, value: Any) -> None:
+        """Unload an adapter the cache lets go."""
 
     @property
     def loaded(self) -> list[str]:
@@ -182,17 +188,8 @@ class _CachedAdapters:
 class NamedAdapters(_CachedAdapters):
     """Eager mode: each cached adapter is a peft adapter of the transformer."""
 
-    def __init__(
-        self,
-        pipeline: Any,
-        library: AdapterLibrary,
-        settings: ServiceSettings,
-        telemetry: Telemetry,
-    ) -> None:
-        super().__init__(pipeline, library, settings, telemetry, self._unload)
-
-    def _unload(self, _digest: str, adapter_name: str) -> None:
-        self.transformer.delete_adapters(adapter_name)
+    def _evict(self, digest: str, value: Any) -> None:  # noqa: ARG002
+        self.transformer.delete_adapters(value)
 
     def _install(self, loaded: LoadedAdapter, position: int) -> tuple[str, int]:
         assert loaded.lora.digest is not None
@@ -248,19 +245,13 @@ class _Weights:
 
 
 class HotswapSlots(_CachedAdapters):
-    """Compiled mode: ``max_loras`` slots, always active, filled by hot-swapping."""
+    """Compiled mode: ``max_loras`` slots, always active, filled by hot-swapping. Evicting an
+    adapter only drops its cached weights: the slots keep their shapes."""
 
-    def __init__(
-        self,
-        pipeline: Any,
-        library: AdapterLibrary,
-        settings: ServiceSettings,
-        telemetry: Telemetry,
-    ) -> None:
-        super().__init__(pipeline, library, settings, telemetry, lambda _digest, _value: None)
-        self.rank = settings.lora_max_rank
+    def _prepare(self) -> None:
+        self.rank = self.settings.lora_max_rank
         self.targets = self._slot_layers()
-        self.slots = [_Slot(f"slot_{number}") for number in range(settings.max_loras)]
+        self.slots = [_Slot(f"slot_{number}") for number in range(self.settings.max_loras)]
         self._lora_layers: list[Any] = []
         self._batches = 0
         self._create_slots()
