@@ -18,6 +18,7 @@ from deployments.telemetry import RayTelemetry
 from serve_app.api.routes import create_app
 from serve_app.faults import Overloaded, WorkerLost
 from serve_app.generation.adapter_library import AdapterRefused
+from serve_app.generation.adapter_sources import LibraryUnavailable
 from serve_app.generation.pipeline import RenderedImage
 from serve_app.generation.planning import SamplingJob
 from serve_app.schemas import Readiness
@@ -36,8 +37,10 @@ def replica_faults(deployment: str) -> Iterator[None]:
     try:
         yield
     except AdapterRefused as error:
-        # Ray wraps it (RayTaskError, with the replica's traceback as its text): unwrap it.
+        # Ray wraps these (RayTaskError, with the replica's traceback as its text): unwrap them.
         raise AdapterRefused(error.position, error.field, error.reason) from None
+    except LibraryUnavailable as error:
+        raise LibraryUnavailable(str(getattr(error, "cause", error))) from None
     except (RayActorError, ActorUnavailableError) as error:
         raise WorkerLost(f"a {deployment} replica was lost: {type(error).__name__}") from error
     except BackPressureError as error:
