@@ -18,6 +18,7 @@ Two ways, by compile mode:
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import warnings
@@ -103,7 +104,7 @@ class _Counts:
     evictions: int = 0
 
 
-class _CachedAdapters:
+class _CachedAdapters(abc.ABC):
     """What both ways share: fetching an adapter into the cache, checked against the model."""
 
     def __init__(
@@ -125,14 +126,15 @@ class _CachedAdapters:
         )
         self._prepare()
 
-    def _prepare(self) -> None:
+    def _prepare(self) -> None:  # noqa: B027 - a hook; eager mode needs nothing
         """Get the transformer ready for adapters (before it is compiled)."""
 
-    def _evict(self, digest: str, value: Any) -> None:
+    def _evict(self, digest: str, value: Any) -> None:  # noqa: B027 - a hook, as _prepare
         """Unload an adapter the cache lets go."""
 
     @property
     def loaded(self) -> list[str]:
+        """Digests of the adapters in the cache, least recently used first."""
         return self.cache.digests
 
     def _check_fit(self, loaded: LoadedAdapter, position: int) -> None:
@@ -180,9 +182,13 @@ class _CachedAdapters:
         logger.info("adapter %r (%s) loaded: %d bytes", lora.name, lora.digest[:19], size)
         return value
 
+    @abc.abstractmethod
     def _install(self, loaded: LoadedAdapter, position: int) -> tuple[Any, int]:
         """Load an adapter for use; its cached form and its size in bytes."""
-        raise NotImplementedError
+
+    @abc.abstractmethod
+    def activate(self, loras: tuple[Lora, ...]) -> None:
+        """Make the next pipeline call apply exactly ``loras`` (see AdapterRuntime)."""
 
 
 class NamedAdapters(_CachedAdapters):
