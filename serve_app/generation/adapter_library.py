@@ -135,15 +135,27 @@ class AdapterLibrary:
             self._entries[name] = entry
         return entry
 
+    def _current(self) -> dict[str, _Entry]:
+        """Every file of the library now, inspected, by name."""
+        names = self.source.names() if self.source is not None else []
+        found = {name: entry for name in names if (entry := self._entry(name)) is not None}
+        with self._lock:  # forget files that are gone
+            self._entries = {name: self._entries[name] for name in found if name in self._entries}
+        return found
+
+    def adapters(self) -> dict[str, AdapterFile]:
+        """The usable adapters' contents, by name, read from their headers."""
+        return {
+            name: entry.adapter
+            for name, entry in self._current().items()
+            if entry.adapter is not None
+        }
+
     def listing(self) -> LoraListing:
         """Every file of the library: the usable adapters, and the others with the reason."""
         usable: list[LoraInfo] = []
         refused: list[RefusedLora] = []
-        names = self.source.names() if self.source is not None else []
-        for name in names:
-            entry = self._entry(name)
-            if entry is None:  # removed while listing
-                continue
+        for name, entry in self._current().items():
             if entry.adapter is None or entry.digest is None:
                 refused.append(RefusedLora(name=name, reason=entry.problem or "unreadable"))
                 continue
@@ -159,8 +171,6 @@ class AdapterLibrary:
                     modules=len(adapter.layers),
                 )
             )
-        with self._lock:
-            self._entries = {name: self._entries[name] for name in names if name in self._entries}
         max_loras = self.settings.max_loras if self.source is not None else 0
         return LoraListing(loras=usable, refused=refused, max_per_request=max_loras)
 

@@ -266,14 +266,9 @@ class HotswapSlots(_CachedAdapters):
         """The layers the library's adapters change (those that fit the model); the attention
         projections if it has none."""
         covered: set[str] = set()
-        for info in self.library.listing().loras:
-            try:
-                loaded = self.library.load(Lora(name=info.name, digest=info.digest), 0)
-            except AdapterRefused:
-                continue
-            layers = loaded.file.layers
-            if not any(_misfit(layer, self.linears) for layer in layers):
-                covered.update(layer.module for layer in layers)
+        for adapter in self.library.adapters().values():
+            if not any(_misfit(layer, self.linears) for layer in adapter.layers):
+                covered.update(layer.module for layer in adapter.layers)
         if not covered:
             covered = {name for name in self.linears if name.endswith(ATTENTION)}
         logger.info("hot-swap slots cover %d layers at rank %d", len(covered), self.rank)
