@@ -42,11 +42,13 @@ def fault_app(
         "FLUX_SERVE_DEFAULT_HEIGHT": "128",
         # Long enough for Serve to replace a killed single Scorer replica.
         "FLUX_SERVE_MAX_RETRIES": "6",
+        "FLUX_SERVE_REDIS_URL": serve_cluster.redis.url,
     }
     options = {"num_cpus": 0.25, "num_gpus": 0, "runtime_env": {"env_vars": env}}
     app = Ingress.options(ray_actor_options=options).bind(
         FluxWorker.options(num_replicas=2, ray_actor_options=options).bind(),
         Scorer.options(ray_actor_options=options).bind(),
+        [],
     )
     serve.run(app, name="faults", route_prefix="/faults")
     try:
