@@ -65,7 +65,9 @@ def jobs_router(
 ) -> APIRouter:
     """The routes of ``/jobs``; ``responses`` documents the errors they share with /generate."""
     router = APIRouter(prefix="/jobs", tags=["jobs"])
-    Owner = Annotated[str, Depends(key_owner(settings.api_keys))]
+    # A default, not an Annotated alias: a local alias would be a forward reference FastAPI
+    # can't resolve.
+    owner_of_key = Depends(key_owner(settings.api_keys))
     store, ends = backend.store, JobEnds(backend.store, backend.queue)
     not_found: dict[int | str, dict[str, Any]] = {
         404: {"model": ErrorEnvelope, "description": "No such job (of this API key)."}
@@ -103,7 +105,10 @@ def jobs_router(
         },
     )
     async def submit(
-        body: JobRequest, request: Request, owner: Owner, idempotency_key: IdempotencyKey = None
+        body: JobRequest,
+        request: Request,
+        idempotency_key: IdempotencyKey = None,
+        owner: str = owner_of_key,
     ) -> JSONResponse:
         """Queue a generation; the answer comes at once, the images later."""
         if body.webhook is not None:
@@ -137,7 +142,7 @@ def jobs_router(
         )
 
     @router.get("/{job_id}", response_model=Job, responses={**responses, **not_found})
-    async def get(job_id: JobId, owner: Owner) -> Job:
+    async def get(job_id: JobId, owner: str = owner_of_key) -> Job:
         """A job: its state, progress, the images stored so far and its outcome."""
         job = await store.job(job_id, owner) if _JOB_ID.fullmatch(job_id) else None
         if job is None:
@@ -147,7 +152,7 @@ def jobs_router(
     @router.delete(
         "/{job_id}", response_model=Job, responses={**responses, **not_found, **conflict}
     )
-    async def cancel(job_id: JobId, owner: Owner) -> Job:
+    async def cancel(job_id: JobId, owner: str = owner_of_key) -> Job:
         """Cancel a job: a queued one never runs, a running one stops at its next denoising
         step and keeps the images stored so far."""
         before = None
