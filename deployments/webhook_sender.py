@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from celery import current_task
+import celery
 from ray import serve
 from ray.serve.task_consumer import task_consumer, task_handler
 
@@ -47,7 +47,8 @@ class WebhookSender:
             self.telemetry.webhook_delivery("refused")
             return "refused"
         except WebhookFailed as error:
-            last = current_task.request.retries + 1 >= self.settings.webhook_max_attempts
+            # celery.current_task, not an imported proxy: Serve pickles this class, proxy and all.
+            last = celery.current_task.request.retries + 1 >= self.settings.webhook_max_attempts
             self.telemetry.webhook_delivery("failed" if last else "retrying")
             logger.warning(
                 "webhook %s not delivered%s: %s",

@@ -115,6 +115,8 @@ class ServeCluster:
     storage_dir: Path
     metrics_url: str
     redis: RedisServer
+    config_path: Path
+    gcs_address: str
 
 
 # Jobs whose runner was killed come back within seconds, not minutes.
@@ -194,6 +196,8 @@ def serve_cluster(
             storage_dir=work / "images",
             metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
             redis=redis_server,
+            config_path=config_path,
+            gcs_address=context.address_info["gcs_address"],
         )
     finally:
         serve.shutdown()
