@@ -3,7 +3,6 @@ starts it (persisting to a folder), which a test may kill and start again on the
 
 from __future__ import annotations
 
-import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,14 +10,15 @@ from pathlib import Path
 from deployments.local_cluster import free_port
 from deployments.local_redis import server_command, wait_until_up
 
+from .server_process import ServerProcess
+
 
 @dataclass
-class RedisServer:
+class RedisServer(ServerProcess):
     """One redis-server process on a free port, its data in ``folder``."""
 
     folder: Path
     port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -28,19 +28,3 @@ class RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(server_command(self.folder, self.port, daemonize=False))
         wait_until_up(self.port, self.folder / "redis.log")
-
-    def kill(self) -> None:
-        """Stop at once, like a crashed server."""
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-            self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-            self.process = None

@@ -15,6 +15,7 @@ from deployments.local_cluster import deploy, wait_until_ready
 
 from .conftest import ROOT, ServeCluster
 from .test_jobs_cluster import wait_for_job
+from .test_serve_faults import kill_a_replica
 
 pytestmark = pytest.mark.ray
 
@@ -32,18 +33,6 @@ def submit(cluster: ServeCluster, body: dict[str, Any]) -> str:
 def stored_files(cluster: ServeCluster, job_id: str) -> list[Path]:
     folder = cluster.storage_dir / job_id
     return sorted(folder.iterdir()) if folder.is_dir() else []
-
-
-def kill_replica(deployment: str) -> None:
-    import ray
-
-    names = sorted(
-        actor["name"]
-        for actor in ray.util.list_named_actors(all_namespaces=True)
-        if f"flux#{deployment}#" in actor["name"]
-    )
-    assert names, f"no {deployment} replica"
-    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
 
 
 def assert_every_image_once(cluster: ServeCluster, job: dict[str, Any], count: int) -> None:
@@ -76,7 +65,7 @@ def test_a_replica_killed_mid_job_loses_no_image(
 ) -> None:
     job_id = submit(serve_cluster, LONG)
     wait_for_job(serve_cluster.url, job_id, until="image")
-    kill_replica(deployment)
+    kill_a_replica(deployment, application="flux")
     job = wait_for_job(serve_cluster.url, job_id, timeout_s=300)
     assert_every_image_once(serve_cluster, job, 16)
 
