@@ -285,3 +285,34 @@ def test_redis_down_is_a_503_naming_the_broker_while_generate_works(
             assert queued_runs(own) == 2
     finally:
         server.stop()
+
+
+def test_the_client_and_the_command_submit_follow_and_cancel_a_job(
+    jobs_settings: ServiceSettings,
+    make_service: MakeService,
+    store: LocalImageStore,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from serve_app.client import FluxClient
+    from serve_app.client.cli import main
+    from serve_app.jobs.schemas import JobRequest
+
+    from .live_server import serve_over_http
+
+    backend = JobBackend(job_store(jobs_settings), CeleryJobQueue(jobs_settings))
+    app = create_app(make_service(jobs_settings, store), always_ready, jobs=backend)
+    with serve_over_http(app) as url, FluxClient(url) as client:
+        job = client.submit(JobRequest(**SMALL), idempotency_key=f"cli-{time.time_ns()}")
+        assert (job.status, job.progress.total) == ("queued", 4)
+        assert client.job(job.id) == job
+        assert main(["cancel", job.id, "--url", url]) == 0
+        seen: list[str] = []
+        ended = client.wait(job.id, timeout_s=30, on_progress=lambda j: seen.append(j.status))
+        assert (ended.status, seen) == ("cancelled", ["cancelled"])
+        capsys.readouterr()
+        assert main(["submit", "a red cat", "-n", "2", "--url", url]) == 0
+        submitted = capsys.readouterr().out.strip()
+        assert client.job(submitted).status == "queued"
+        assert main(["job", submitted, "--url", url]) == 0
+        assert f'"id": "{submitted}"' in capsys.readouterr().out
+        assert main(["submit", "x", "--webhook", "ftp://example.com", "--url", url]) == 2
