@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from serve_app.faults import WorkerLost
 from serve_app.generation.adapter_library import AdapterLibrary
@@ -26,6 +27,8 @@ from serve_app.telemetry import NoTelemetry, Telemetry
 
 logger = logging.getLogger(__name__)
 
+RequestT = TypeVar("RequestT", bound=GenerateRequest)
+
 RenderStream = Callable[[list[SamplingJob]], AsyncIterator[list[RenderedImage]]]
 """Makes the images of some jobs, yielding each batch as soon as it is done."""
 
@@ -34,8 +37,9 @@ ScoreImages = Callable[[str, list[bytes]], Awaitable[list[float]]]
 
 
 @dataclass(frozen=True)
-class _Destination:
-    """Where a request's images go: under its id, with a per-request nonce."""
+class Destination:
+    """Where a request's images go: under its id, with a nonce of its own (fresh for every
+    request; fixed for a job, so that a second run of it writes the same keys)."""
 
     request_id: str
     attempt: str
@@ -74,7 +78,7 @@ class GenerationService:
             return ()
         return await asyncio.to_thread(self.library.resolve, request.loras)
 
-    async def pin_loras(self, request: GenerateRequest) -> GenerateRequest:
+    async def pin_loras(self, request: RequestT) -> RequestT:
         """``request`` with each adapter's digest set, so that its images use exactly the files
         checked now; AdapterRefused before any work starts."""
         if not request.loras:
@@ -85,8 +89,19 @@ class GenerationService:
         self, request: GenerateRequest, request_id: str, base_url: str
     ) -> AsyncIterator[GeneratedImage]:
         """Yield each image as soon as it is stored; with top_k, only the K best, best first."""
-        jobs = plan_jobs(request, self.settings, await self.resolve_loras(request))
-        destination = _Destination(request_id, uuid.uuid4().hex[:12], base_url)
+        destination = Destination(request_id, uuid.uuid4().hex[:12], base_url)
+        async for image in self.make_images(await self.plan(request), request, destination):
+            yield image
+
+    async def plan(self, request: GenerateRequest) -> list[SamplingJob]:
+        """The request's jobs, applying its adapters as the library resolves them now."""
+        return plan_jobs(request, self.settings, await self.resolve_loras(request))
+
+    async def make_images(
+        self, jobs: list[SamplingJob], request: GenerateRequest, destination: Destination
+    ) -> AsyncIterator[GeneratedImage]:
+        """Make, score and store the images of ``jobs`` (some or all of ``request``'s plan),
+        yielding each as soon as it is stored; with top_k, only the K best, best first."""
         if request.top_k is None:
             async for batch in self._rendered(jobs, request.gpus):
                 scored = await self._scored(request.prompt, batch)
@@ -179,7 +194,7 @@ class GenerationService:
         return [_Scored(rendered, score) for rendered, score in zip(batch, scores, strict=True)]
 
     async def _store_all(
-        self, items: list[_Scored], destination: _Destination
+        self, items: list[_Scored], destination: Destination
     ) -> list[GeneratedImage]:
         """Store concurrently, off the event loop; fail if any image could not be stored."""
         results = await asyncio.gather(
@@ -203,7 +218,7 @@ class GenerationService:
             )
         return [result for result in results if isinstance(result, GeneratedImage)]
 
-    async def _store(self, item: _Scored, destination: _Destination) -> GeneratedImage:
+    async def _store(self, item: _Scored, destination: Destination) -> GeneratedImage:
         job = item.rendered.job
         extension = job.image_format
         key = image_key(destination.request_id, destination.attempt, job.index, extension)

@@ -48,6 +48,7 @@ def lora_app(
         "FLUX_SERVE_LORA_DIR": str(mixed_library(get_settings(), work / "library")),
         "FLUX_SERVE_MAX_LORAS": "1",
         "FLUX_SERVE_LORA_CACHE_SIZE": "1",
+        "FLUX_SERVE_REDIS_URL": serve_cluster.redis.url,
     }
     with extra_application("loras", env) as prefix:
         yield f"{serve_cluster.url}{prefix}"
