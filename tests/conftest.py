@@ -36,6 +36,7 @@ from serve_app.storage.local import LocalImageStore  # noqa: E402
 from .live_server import always_ready, serve_over_http  # noqa: E402
 from .redis_server import RedisServer  # noqa: E402
 from .s3_server import SeaweedS3, credentials_env  # noqa: E402
+from .server_process import running  # noqa: E402
 
 # Signs the webhooks of every application the tests start; the receiver verifies with it.
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"flux-serve tests' webhook secret!").decode()
@@ -149,12 +150,8 @@ def serve_config_for_tests(http_port: int, storage_dir: Path, redis_url: str) ->
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One real Redis for the session (the jobs' broker, result store and records)."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
+    with running(RedisServer(tmp_path_factory.mktemp("redis"))) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -236,12 +233,8 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     with pytest.MonkeyPatch.context() as patch:
         for name, value in credentials_env().items():
             patch.setenv(name, value)
-        server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
-        server.start()
-        try:
+        with running(SeaweedS3(tmp_path_factory.mktemp("seaweed"))) as server:
             yield server
-        finally:
-            server.stop()
 
 
 @pytest.fixture
