@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml  # type: ignore[import-untyped]
 
 from deployments.local_cluster import deploy, free_port, wait_until_ready
+from deployments.local_redis import server_command, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_DEPLOYMENT = "FluxWorker"
@@ -122,7 +124,21 @@ def serve_config(setup: ServiceSetup, http_port: int, storage_dir: Path) -> dict
 
 @contextmanager
 def running_service(setup: ServiceSetup) -> Iterator[RunningService]:
-    """Start Ray, deploy the modified config with ``serve run``, and tear everything down."""
+    """Start Ray, deploy the modified config with ``serve run``, and tear everything down; with
+    no ``redis_url``, a Redis of its own too (the ingress is ready only with the jobs' broker)."""
+    if setup.redis_url is not None:
+        with _running_service(setup) as service:
+            yield service
+        return
+    with (
+        private_redis() as redis_url,
+        _running_service(replace(setup, redis_url=redis_url)) as service,
+    ):
+        yield service
+
+
+@contextmanager
+def _running_service(setup: ServiceSetup) -> Iterator[RunningService]:
     import ray
     from ray import serve
 
@@ -153,3 +169,18 @@ def running_service(setup: ServiceSetup) -> Iterator[RunningService]:
                 serve.shutdown()
             finally:
                 ray.shutdown()
+
+
+@contextmanager
+def private_redis() -> Iterator[str]:
+    """A Redis of the benchmark's own on a free port (the jobs' broker, which the ingress needs
+    to be ready); yields its URL and stops it at the end."""
+    with tempfile.TemporaryDirectory(prefix="flux-bench-redis-") as folder:
+        port = free_port()
+        redis = subprocess.Popen(server_command(Path(folder), port, daemonize=False))
+        try:
+            wait_until_up(port, Path(folder) / "redis.log")
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            redis.terminate()
+            redis.wait(timeout=30)

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from bench.cluster import ServiceSetup, running_service
 from bench.lora_timing import MixFigures, SwitchFigures, ensure_loras, measure_mix, measure_switches
 from bench.presets import PRESETS, ensure_preset, runnable_preset
@@ -188,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             size=args.size,
             max_batch_size=args.images,
             ray_cpus=args.ray_cpus,
-            gpus=0 if device.type == "cpu" else 1,
+            gpus=torch.cuda.device_count(),
             lora_dir=library,
         )
         with running_service(setup) as service:
