@@ -105,6 +105,12 @@ class ServiceSettings(BaseSettings):
         "that the batches of a request, and later requests with the same prompt, run the text "
         "encoders once per text; 0: every batch encodes its distinct texts again.",
     )
+    compile_scope: Literal["whole", "blocks"] = Field(
+        "whole",
+        description="What compile_mode compiles of the transformer: 'whole' (one graph) or "
+        "'blocks' (each of its repeated blocks, diffusers' regional compilation: a fraction of "
+        "the compile time, nearly the same speed).",
+    )
     quantize: Literal["none", "int8_weight_only", "fp8"] = Field(
         "none",
         description="Quantize the transformer's linear layers with torchao after loading, "

@@ -27,7 +27,8 @@ def enabled_speedups(settings: ServiceSettings) -> list[str]:
     if settings.attention_backend:
         names.append(f"attention {settings.attention_backend}")
     if settings.compile_mode != "off":
-        names.append(f"compile {settings.compile_mode}")
+        scope = " (blocks)" if settings.compile_scope == "blocks" else ""
+        names.append(f"compile {settings.compile_mode}{scope}")
     return names
 
 
@@ -59,7 +60,11 @@ def compile_pipeline(pipeline: Any, settings: ServiceSettings) -> None:
     if settings.compile_mode != "off":
         # In place, so the pipeline still sees a FluxTransformer2DModel; the decoder as flux-fast
         # does it. fullgraph: a graph break would silently give back most of the gain.
-        pipeline.transformer.compile(mode=settings.compile_mode, fullgraph=True)
+        if settings.compile_scope == "blocks":
+            # Each transformer block compiles once and serves all blocks of its kind.
+            pipeline.transformer.compile_repeated_blocks(mode=settings.compile_mode, fullgraph=True)
+        else:
+            pipeline.transformer.compile(mode=settings.compile_mode, fullgraph=True)
         pipeline.vae.decode = torch.compile(
             pipeline.vae.decode, mode=settings.compile_mode, fullgraph=True
         )
