@@ -10,8 +10,9 @@
    the arrival of the first streamed image;
 3. many small requests at once, on workers that share batches across requests and, deployed
    again, on workers that give each request batches of its own;
-4. with --speedups, the raw pipeline with each speed-up setting alone and all together: the
-   latency of one image, images/s, and how far the images move from the plain pipeline's.
+4. with --speedups, the raw pipeline with each speed-up setting alone and all together, then
+   with each quantization mode on top (int8 weight-only; fp8 where the GPU has it): the latency
+   of one image, images/s, and how far the images move from the plain pipeline's.
 
 Every measurement makes the same images: one request's jobs, with the service's default seeds.
 A preset this machine can't hold (full, on a CPU) runs at its reduced size instead.
@@ -36,6 +37,7 @@ from bench.report import Results, SharingFigures, best_batch_size, to_markdown, 
 from bench.service_timing import ServiceFigures, measure_service
 from bench.speedup_timing import SpeedupTimer, measure_speedups
 from bench.workload import Workload
+from serve_app.generation.quantization import fp8_problem
 from serve_app.models.sources import select_device, select_dtype
 from serve_app.models.tiny import TINY_CLIP_NAME, ensure_tiny_model
 from serve_app.settings import ServiceSettings, get_settings
@@ -190,8 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if backends is None:
             backends = ["_native_flash", "_native_cudnn"] if cuda else []
         compile_mode = args.compile_mode or ("max-autotune" if cuda else "default")
+        quantize_modes = ["int8_weight_only"] + ([] if fp8_problem(device) else ["fp8"])
         timer = SpeedupTimer(settings, workload, best, args.repeats)
-        speedups = measure_speedups(timer, backends, compile_mode)
+        speedups = measure_speedups(timer, backends, compile_mode, quantize_modes)
     results = Results(
         preset=preset.name,
         preset_description=preset.description,

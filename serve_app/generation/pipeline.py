@@ -45,7 +45,9 @@ class RenderedImage(BaseModel):
 class FluxGenerator:
     """A loaded FLUX pipeline that turns batches of sampling jobs into images."""
 
-    def __init__(self, settings: ServiceSettings) -> None:
+    def __init__(self, settings: ServiceSettings, pipeline: Any | None = None) -> None:
+        """Load ``settings.model``, or take ``pipeline``, a FluxPipeline already on the device
+        in its dtype (the GPU benchmark builds one with random weights in place)."""
         from diffusers import FluxPipeline
 
         quiet_progress_bars()
@@ -53,9 +55,13 @@ class FluxGenerator:
         self.device = select_device(settings)
         self.dtype = select_dtype(settings, self.device)
         apply_torch_threads(settings, self.device)
-        source = resolve_source(settings.model, TINY_FLUX_NAME, settings.cache_dir)
-        logger.info("loading FLUX pipeline from %s on %s as %s", source, self.device, self.dtype)
-        self.pipeline = FluxPipeline.from_pretrained(source, dtype=self.dtype).to(self.device)
+        if pipeline is None:
+            source = resolve_source(settings.model, TINY_FLUX_NAME, settings.cache_dir)
+            logger.info(
+                "loading FLUX pipeline from %s on %s as %s", source, self.device, self.dtype
+            )
+            pipeline = FluxPipeline.from_pretrained(source, dtype=self.dtype).to(self.device)
+        self.pipeline = pipeline
         self.pipeline.set_progress_bar_config(disable=True)
         self._scheduler_config = dict(self.pipeline.scheduler.config)
         # Guidance-distilled models (dev) take the scale as an input; schnell needs true CFG.
