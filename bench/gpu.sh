@@ -16,5 +16,5 @@ for ((i = 0; i < ${#args[@]}; i++)); do
 done
 # The run skips what would not fit; this is the backstop for a step that ran over its estimate.
 deadline_s=$(("${budget_s%.*}" + 30))
-export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
+export PYTHONUNBUFFERED=1
 exec timeout --kill-after=10 "$deadline_s" "$python" -m bench.gpu_run "$@"

@@ -195,7 +195,8 @@ class PipelineSteps:
         self.reference: np.ndarray | None = None
         self.last: PipelineRow | None = None
 
-    def _seconds(self, count: int) -> float:
+    def seconds(self, count: int) -> float:
+        """Seconds to make the first ``count`` jobs in one pipeline call."""
         started = time.perf_counter()
         self.generator.sample(self.jobs[:count])
         return time.perf_counter() - started
@@ -211,12 +212,12 @@ class PipelineSteps:
         """Warm up each shape (compiling, if it is on), then time one image and one batch."""
         started = time.perf_counter()
         images = _pixels(self.generator.sample(self.jobs[: self.batch]))
-        self._seconds(1)
+        self.seconds(1)
         warmup_s = time.perf_counter() - started
         if self.reference is None:
             self.reference = images
-        image_s = median([self._seconds(1) for _ in range(self.repeats)])
-        batch_s = median([self._seconds(self.batch) for _ in range(self.repeats)])
+        image_s = median([self.seconds(1) for _ in range(self.repeats)])
+        batch_s = median([self.seconds(self.batch) for _ in range(self.repeats)])
         self.last = PipelineRow(
             step=step,
             name=name,
@@ -232,13 +233,13 @@ def fastest_attention_backend(steps: PipelineSteps, candidates: Sequence[str]) -
     """The backend under which one image is made fastest, if any beats PyTorch's own choice;
     a backend that fails here (not installed, not for this GPU) is passed over."""
     transformer = steps.generator.pipeline.transformer
-    steps._seconds(1)
-    best, best_s = None, steps._seconds(1)
+    steps.seconds(1)
+    best, best_s = None, steps.seconds(1)
     for backend in candidates:
         try:
             transformer.set_attention_backend(backend)
-            steps._seconds(1)
-            seconds = steps._seconds(1)
+            steps.seconds(1)
+            seconds = steps.seconds(1)
         except Exception as error:  # noqa: BLE001 - any failure rules the backend out
             logger.info("attention backend %s does not run here: %s", backend, error)
             continue

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 from serve_app.generation.planning import SamplingJob
 from serve_app.generation.prompts import PromptEncoder
-from serve_app.generation.quantization import quantize_transformer
+from serve_app.generation.quantization import quantize_transformer, quiet_torchao_import
 from serve_app.generation.samplers import make_scheduler
 from serve_app.generation.speedups import apply_speedups, compile_pipeline
 from serve_app.generation.threads import apply_torch_threads
@@ -48,6 +48,7 @@ class FluxGenerator:
     def __init__(self, settings: ServiceSettings, pipeline: Any | None = None) -> None:
         """Load ``settings.model``, or take ``pipeline``, a FluxPipeline already on the device
         in its dtype (the GPU benchmark builds one with random weights in place)."""
+        quiet_torchao_import()
         from diffusers import FluxPipeline
 
         quiet_progress_bars()

@@ -22,6 +22,17 @@ _FP8_CAPABILITY = (8, 9)
 _FP8_ROWWISE_CAPABILITY = (9, 0)
 
 
+def quiet_torchao_import() -> None:
+    """Silence what importing torchao (which diffusers does) logs but nobody can act on: on a CPU
+    build of torch, one warning per CUDA kernel library it can't load; and anywhere, torch's
+    deprecation notes on how it registers its types, and diffusers' on types of older torchao."""
+    names = ["torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"]
+    if not torch.cuda.is_available():
+        names.append("torchao")
+    for name in names:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def fp8_problem(device: torch.device) -> str | None:
     """Why float8 can't run on ``device``; None when it can."""
     if device.type != "cuda":
