@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from bench.cluster import RunningService, ServiceSetup, running_service
+from bench.cluster import RunningService, ServiceSetup, private_redis, running_service
 from bench.pipeline_timing import measure_pipeline
 from bench.presets import PRESETS, ensure_preset, runnable_preset
 from bench.report import Results, SharingFigures, best_batch_size, to_markdown, to_text
@@ -175,16 +175,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return figures
 
-    with running_service(setup) as service:
-        figures = measure_service(
-            service, workload, args.concurrency, args.repeats, args.requests_per_client
-        )
-        shared = small_requests(service) if args.small_requests else None
     sharing = None
-    if shared is not None:
-        logger.info("service again, each request in batches of its own")
-        with running_service(replace(setup, batch_across_requests=False)) as service:
-            sharing = SharingFigures(args.small_requests, shared, small_requests(service))
+    with private_redis() as redis_url:
+        setup = replace(setup, redis_url=redis_url)
+        with running_service(setup) as service:
+            figures = measure_service(
+                service, workload, args.concurrency, args.repeats, args.requests_per_client
+            )
+            shared = small_requests(service) if args.small_requests else None
+        if shared is not None:
+            logger.info("service again, each request in batches of its own")
+            with running_service(replace(setup, batch_across_requests=False)) as service:
+                sharing = SharingFigures(args.small_requests, shared, small_requests(service))
     speedups = []
     if args.speedups:
         cuda = device.type == "cuda"
