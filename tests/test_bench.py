@@ -460,3 +460,14 @@ def test_gpu_sh_runs_every_step_on_the_reduced_full_preset_on_a_cpu(tmp_path: Pa
     assert "step 3 with int8_weight_only: fp8 needs a GPU" in text
     assert "skipped" not in text
     assert "ended after" in text
+
+
+def test_private_redis_answers_inside_the_block_and_is_gone_after_it() -> None:
+    import redis
+
+    from bench.cluster import private_redis
+
+    with private_redis() as url:
+        assert redis.Redis.from_url(url).ping()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
