@@ -42,7 +42,9 @@ class _Destination:
 
 
 @dataclass(frozen=True)
-class _Scored:
+class ScoredImage:
+    """A finished image and how well it matches its prompt, not yet stored."""
+
     rendered: RenderedImage
     score: float
 
@@ -64,25 +66,29 @@ class GenerationService:
         self.store = store
         self.telemetry = telemetry or NoTelemetry()
 
+    async def scored_images(self, request: GenerateRequest) -> AsyncIterator[list[ScoredImage]]:
+        """Yield the images that are final, unstored: each batch as soon as it is scored; with
+        top_k, once all are scored, only the K best, best first."""
+        jobs = plan_jobs(request, self.settings)
+        if request.top_k is None:
+            async for batch in self._rendered(jobs, request.gpus):
+                yield await self._scored(request.prompt, batch)
+            return
+        # Rank first, so that only the K images returned are ever stored.
+        ranked: list[ScoredImage] = []
+        async for batch in self._rendered(jobs, request.gpus):
+            ranked.extend(await self._scored(request.prompt, batch))
+        ranked.sort(key=lambda item: (-item.score, item.rendered.job.index))
+        yield ranked[: request.top_k]
+
     async def images(
         self, request: GenerateRequest, request_id: str, base_url: str
     ) -> AsyncIterator[GeneratedImage]:
         """Yield each image as soon as it is stored; with top_k, only the K best, best first."""
-        jobs = plan_jobs(request, self.settings)
         destination = _Destination(request_id, uuid.uuid4().hex[:12], base_url)
-        if request.top_k is None:
-            async for batch in self._rendered(jobs, request.gpus):
-                scored = await self._scored(request.prompt, batch)
-                for image in await self._store_all(scored, destination):
-                    yield image
-            return
-        # Rank first, so that only the K images returned are ever stored.
-        ranked: list[_Scored] = []
-        async for batch in self._rendered(jobs, request.gpus):
-            ranked.extend(await self._scored(request.prompt, batch))
-        ranked.sort(key=lambda item: (-item.score, item.rendered.job.index))
-        for image in await self._store_all(ranked[: request.top_k], destination):
-            yield image
+        async for final in self.scored_images(request):
+            for image in await self._store_all(final, destination):
+                yield image
 
     async def generate(
         self, request: GenerateRequest, request_id: str, base_url: str, started: float
@@ -146,7 +152,7 @@ class GenerationService:
             # Wait for the cancellations to land, so no work outlives its request.
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _scored(self, prompt: str, batch: list[RenderedImage]) -> list[_Scored]:
+    async def _scored(self, prompt: str, batch: list[RenderedImage]) -> list[ScoredImage]:
         started = time.perf_counter()
         images = [rendered.data for rendered in batch]
         for attempt in itertools.count():
@@ -159,10 +165,10 @@ class GenerationService:
                 logger.warning("scorer lost, retrying: %s", error)
                 await asyncio.sleep(self.settings.retry_backoff_s * 2**attempt)
         self.telemetry.stage_seconds("scoring", time.perf_counter() - started)
-        return [_Scored(rendered, score) for rendered, score in zip(batch, scores, strict=True)]
+        return [ScoredImage(rendered, score) for rendered, score in zip(batch, scores, strict=True)]
 
     async def _store_all(
-        self, items: list[_Scored], destination: _Destination
+        self, items: list[ScoredImage], destination: _Destination
     ) -> list[GeneratedImage]:
         """Store concurrently, off the event loop; fail if any image could not be stored."""
         results = await asyncio.gather(
@@ -186,7 +192,7 @@ class GenerationService:
             )
         return [result for result in results if isinstance(result, GeneratedImage)]
 
-    async def _store(self, item: _Scored, destination: _Destination) -> GeneratedImage:
+    async def _store(self, item: ScoredImage, destination: _Destination) -> GeneratedImage:
         job = item.rendered.job
         extension = job.image_format
         key = image_key(destination.request_id, destination.attempt, job.index, extension)
