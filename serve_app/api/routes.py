@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,8 +17,9 @@ from serve_app.api.admission import Admission, Slot
 from serve_app.api.auth import api_key_guard
 from serve_app.api.errors import envelope_for, error_response, install_error_handlers
 from serve_app.api.middleware import BodySizeLimitMiddleware, OutcomeMiddleware, RequestIdMiddleware
+from serve_app.api.openai.router import IMAGE_PATHS, openai_router
 from serve_app.api.playground import playground_page
-from serve_app.faults import RequestTimedOut
+from serve_app.faults import deadline
 from serve_app.schemas import (
     ErrorEnvelope,
     GeneratedImage,
@@ -42,21 +42,6 @@ CheckReadiness = Callable[[], Awaitable[Readiness]]
 def server_sent_event(event: str, payload: BaseModel) -> str:
     """One SSE frame."""
     return f"event: {event}\ndata: {payload.model_dump_json()}\n\n"
-
-
-@contextlib.asynccontextmanager
-async def deadline(seconds: float) -> AsyncIterator[None]:
-    """Cancel the work inside after ``seconds`` and raise RequestTimedOut."""
-    timeout = asyncio.timeout(seconds)
-    try:
-        async with timeout:
-            yield
-    except TimeoutError as error:
-        if not timeout.expired():
-            raise
-        raise RequestTimedOut(
-            f"the request took longer than {seconds:g} s; its work was cancelled"
-        ) from error
 
 
 async def event_stream(
@@ -117,7 +102,9 @@ def create_app(
     install_error_handlers(app, settings.retry_after_s)
     # The last one added runs first: ids for every answer, the size limit before any parsing.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(OutcomeMiddleware, telemetry=service.telemetry, path="/generate")
+    app.add_middleware(
+        OutcomeMiddleware, telemetry=service.telemetry, paths={"/generate", *IMAGE_PATHS}
+    )
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
     authenticated = [Depends(api_key_guard(settings.api_keys))]
     admission = Admission(settings.max_concurrent_requests)
@@ -157,6 +144,8 @@ def create_app(
                 return await service.generate(body, request_id, base_url, started)
         finally:
             slot.release()
+
+    app.include_router(openai_router(service, admission, authenticated))
 
     @app.get("/healthz", response_model=Readiness, responses={503: {"model": Readiness}})
     async def healthz() -> JSONResponse:
