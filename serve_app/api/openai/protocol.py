@@ -27,6 +27,7 @@ _SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
 _AUTO_SIZE = f"{_settings.default_width}x{_settings.default_height}"
 
 # Ignored fields take exactly the values the SDK lists: a typo is still a 400, not a silent default.
+# The schema says what the validators below allow, where JSON Schema can (model, stream).
 Quality = Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"]
 
 
@@ -50,6 +51,7 @@ class ImageGenerationRequest(BaseModel):
     prompt: Prompt = Field(description="What to draw.", examples=["a red cat"])
     model: str | None = Field(
         None,
+        json_schema_extra={"enum": [_settings.served_model, None]},
         description=f"The served model's id, as GET /v1/models lists it ('{_settings.served_model}'"
         "); any other is a 400. Unset: that model.",
         examples=[_settings.served_model],
@@ -88,9 +90,8 @@ class ImageGenerationRequest(BaseModel):
     style: Literal["vivid", "natural"] | None = Field(
         None, description="Accepted and ignored (a DALL-E 3 setting): say the style in the prompt."
     )
-    background: Literal["transparent", "opaque", "auto"] | None = Field(
-        None,
-        description="'opaque' or 'auto': FLUX makes opaque images. 'transparent' is a 400.",
+    background: Literal["opaque", "auto"] | None = Field(
+        None, description="FLUX makes opaque images: 'transparent' is a 400."
     )
     moderation: Literal["low", "auto"] | None = Field(
         None, description="Accepted and ignored: this service runs no moderation model."
@@ -98,14 +99,9 @@ class ImageGenerationRequest(BaseModel):
     complexity: Literal["low", "medium", "high"] | None = Field(
         None, description="Accepted and ignored (planning effort of OpenAI's GPT image models)."
     )
-    partial_images: int | None = Field(
-        None,
-        ge=0,
-        le=3,
-        description="Accepted and ignored: partial images belong to streaming, not offered here.",
-    )
     stream: bool | None = Field(
         None,
+        json_schema_extra={"enum": [False, None]},
         description="Only false: POST /generate with stream: true streams images as they are made.",
     )
     safety_identifier: str | None = Field(
@@ -177,16 +173,6 @@ class ImageGenerationRequest(BaseModel):
                 },
             )
         return size
-
-    @field_validator("background")
-    @classmethod
-    def _opaque(cls, background: str | None) -> str | None:
-        if background == "transparent":
-            raise PydanticCustomError(
-                "unsupported_background",
-                "'transparent' is not available: FLUX makes opaque images",
-            )
-        return background
 
     @field_validator("stream")
     @classmethod

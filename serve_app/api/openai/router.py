@@ -42,6 +42,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         "description": "Overloaded (see Retry-After), storage failed, or workers were lost.",
     },
     504: {"model": OpenAIErrorEnvelope, "description": "The request passed its deadline."},
+    # Also keeps FastAPI from listing a 422, which this API never answers.
+    "4XX": {"model": OpenAIErrorEnvelope, "description": "Any other client error."},
 }
 
 
