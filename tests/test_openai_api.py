@@ -229,31 +229,36 @@ def test_a_valid_key_is_admitted(locked_url: str, key: str) -> None:
     assert len(answer.data) == 1
 
 
-def test_overload_raises_a_503_with_retry_after(
+def test_one_admission_for_both_apis_and_overload_is_a_503_with_retry_after(
     settings: ServiceSettings,
     make_service: MakeService,
     store: LocalImageStore,
     scheduler: RenderScheduler,
 ) -> None:
     held = HeldRender(scheduler)
-    limited = settings.model_copy(update={"max_concurrent_requests": 1, "retry_after_s": 7})
-    app = create_app(make_service(limited, store, held), always_ready)
+    one_at_a_time = settings.model_copy(update={"max_concurrent_requests": 1, "retry_after_s": 3})
+    app = create_app(make_service(one_at_a_time, store, held), always_ready)
 
     async def scenario() -> None:
         transport = httpx2.ASGITransport(app=app)
-        async with httpx2.AsyncClient(transport=transport) as http:
+        async with httpx2.AsyncClient(transport=transport, base_url="http://testserver") as http:
             client = openai.AsyncOpenAI(
                 base_url="http://testserver/v1", api_key="unused", max_retries=0, http_client=http
             )
-            first = asyncio.create_task(client.images.generate(prompt="a red cat", size="64x64"))
+            # A request of our own API holds the only slot...
+            native = {"prompt": "a red cat", "nof_images": 1, "width": 64, "height": 64}
+            holding = asyncio.create_task(http.post("/generate", json=native))
             await held.started.wait()
+            # ...so the OpenAI-shaped one is refused at once.
             with pytest.raises(openai.InternalServerError) as raised:
                 await client.images.generate(prompt="a red cat", size="64x64")
             assert raised.value.status_code == 503
-            assert raised.value.response.headers["retry-after"] == "7"
+            assert raised.value.response.headers["retry-after"] == "3"
             assert (raised.value.type, raised.value.code) == ("server_error", "overloaded")
             held.release.set()
-            assert (await first).data is not None
+            assert (await holding).status_code == 200
+            answer = await client.images.generate(prompt="a red cat", size="64x64")
+            assert answer.data is not None
 
     asyncio.run(scenario())
 

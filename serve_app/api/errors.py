@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -69,6 +70,22 @@ def openai_envelope(problem: Problem) -> tuple[int, OpenAIErrorEnvelope]:
         code=problem.code or problem.kind,
     )
     return status, OpenAIErrorEnvelope(error=body)
+
+
+def documented_errors(*, openai: bool) -> dict[int | str, dict[str, Any]]:
+    """The error answers of an OpenAPI operation, in our own envelope or in OpenAI's."""
+    invalid = "The request is invalid; error.param names the field."
+    answers: dict[int | str, str] = {
+        400: invalid if openai else "The body could not be read as UTF-8 JSON.",
+        401: "API keys are on and none valid was sent.",
+        413: "The request body is too large.",
+        503: "Overloaded (see Retry-After), storage failed, or workers were lost.",
+        504: "The request passed its deadline.",
+    }
+    # Under /v1 every invalid request is a 400; listing 4XX also keeps FastAPI from adding a 422.
+    answers.update({"4XX": "Any other client error."} if openai else {422: invalid})
+    envelope = OpenAIErrorEnvelope if openai else ErrorEnvelope
+    return {status: {"model": envelope, "description": text} for status, text in answers.items()}
 
 
 def envelope_for(error: Exception) -> tuple[int, ErrorEnvelope]:

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
@@ -15,13 +14,17 @@ from starlette.background import BackgroundTask
 
 from serve_app.api.admission import Admission, Slot
 from serve_app.api.auth import api_key_guard
-from serve_app.api.errors import envelope_for, error_response, install_error_handlers
+from serve_app.api.errors import (
+    documented_errors,
+    envelope_for,
+    error_response,
+    install_error_handlers,
+)
 from serve_app.api.middleware import BodySizeLimitMiddleware, OutcomeMiddleware, RequestIdMiddleware
 from serve_app.api.openai.router import IMAGE_PATHS, openai_router
 from serve_app.api.playground import playground_page
 from serve_app.faults import deadline
 from serve_app.schemas import (
-    ErrorEnvelope,
     GeneratedImage,
     GenerateRequest,
     GenerateResponse,
@@ -72,20 +75,7 @@ async def event_stream(
     yield server_sent_event("result", build_response(request, request_id, images, started))
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorEnvelope, "description": "The body could not be read as UTF-8 JSON."},
-    401: {"model": ErrorEnvelope, "description": "API keys are on and none valid was sent."},
-    422: {
-        "model": ErrorEnvelope,
-        "description": "The request is invalid; error.param names the field.",
-    },
-    413: {"model": ErrorEnvelope, "description": "The request body is too large."},
-    503: {
-        "model": ErrorEnvelope,
-        "description": "Overloaded (see Retry-After), storage failed, or workers were lost.",
-    },
-    504: {"model": ErrorEnvelope, "description": "The request passed its deadline."},
-}
+_ERRORS = documented_errors(openai=False)
 
 
 def create_app(

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.params import Depends
 from fastapi.responses import JSONResponse
 
 from serve_app.api.admission import Admission
-from serve_app.api.errors import error_response
+from serve_app.api.errors import documented_errors, error_response
 from serve_app.api.openai.protocol import (
     API_PREFIX,
     ImageGenerationRequest,
@@ -30,29 +29,17 @@ EDITS = f"{API_PREFIX}/images/edits"
 IMAGE_PATHS = (GENERATIONS, EDITS)
 """The paths whose requests count as image requests, like /generate."""
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {
-        "model": OpenAIErrorEnvelope,
-        "description": "The request is invalid; error.param names the field.",
-    },
-    401: {"model": OpenAIErrorEnvelope, "description": "API keys are on and none valid was sent."},
-    413: {"model": OpenAIErrorEnvelope, "description": "The request body is too large."},
-    503: {
-        "model": OpenAIErrorEnvelope,
-        "description": "Overloaded (see Retry-After), storage failed, or workers were lost.",
-    },
-    504: {"model": OpenAIErrorEnvelope, "description": "The request passed its deadline."},
-    # Also keeps FastAPI from listing a 422, which this API never answers.
-    "4XX": {"model": OpenAIErrorEnvelope, "description": "Any other client error."},
-}
-
 
 def openai_router(
     service: GenerationService, admission: Admission, dependencies: list[Depends]
 ) -> APIRouter:
     """The OpenAI-compatible routes, behind the same keys (``dependencies``), admission and
     deadline as /generate."""
-    router = APIRouter(dependencies=dependencies, tags=["OpenAI-compatible"], responses=_ERRORS)
+    router = APIRouter(
+        dependencies=dependencies,
+        tags=["OpenAI-compatible"],
+        responses=documented_errors(openai=True),
+    )
     serving = OpenAIImages(service)
 
     @router.post(GENERATIONS, response_model=ImagesResponse, response_model_exclude_none=True)
