@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,23 @@ def test_the_request_id_is_echoed_and_names_the_stored_images(client: openai.Ope
     assert answer._request_id == "oa-4711"
     assert answer.data is not None
     assert "/images/oa-4711/" in str(answer.data[0].url)
+
+
+def test_the_end_user_is_logged_with_the_request_id_never_with_the_prompt(
+    client: openai.OpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    for request_id, ids in [("oa-u1", {"user": "u-42"}), ("oa-u2", {"safety_identifier": "s-7"})]:
+        client.images.generate(
+            prompt="a secret prompt",
+            size="64x64",
+            extra_headers={"X-Request-Id": request_id},
+            **ids,  # type: ignore[arg-type]
+        )
+    lines = [record.getMessage() for record in caplog.records if record.levelno >= logging.INFO]
+    assert any("oa-u1" in line and "'u-42'" in line for line in lines)
+    assert any("oa-u2" in line and "'s-7'" in line for line in lines)
+    assert not any("a secret prompt" in line for line in lines)
 
 
 KEYS = ["first-key", "second-key"]
