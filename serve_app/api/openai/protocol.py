@@ -23,7 +23,7 @@ API_PREFIX = "/v1"
 OWNER = "flux-serve"
 
 _settings = get_settings()
-_SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
+_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 _AUTO_SIZE = f"{_settings.default_width}x{_settings.default_height}"
 
 # Ignored fields take exactly the values the SDK lists: a typo is still a 400, not a silent default.
