@@ -22,10 +22,19 @@ from starlette.types import Scope
 from serve_app.api.auth import AuthenticationError
 from serve_app.api.openai.protocol import API_PREFIX, OpenAIErrorBody, OpenAIErrorEnvelope
 from serve_app.faults import Overloaded, RequestTimedOut, WorkerLost
+from serve_app.jobs.store import IdempotencyConflict, JobFinished, JobNotFound, JobStoreUnavailable
 from serve_app.schemas import ErrorBody, ErrorEnvelope
 from serve_app.storage.base import StorageError
 
 logger = logging.getLogger(__name__)
+
+
+class InvalidParameter(ValueError):
+    """A request field that passed the schema but can't be served; a 422 naming ``param``."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,14 @@ def problem_for(error: Exception) -> Problem:
         return Problem(504, "timeout", str(error))
     if isinstance(error, WorkerLost):
         return Problem(503, "worker_lost", f"{error}; retries were exhausted")
+    if isinstance(error, JobStoreUnavailable):
+        return Problem(503, "broker_unavailable", str(error))
+    if isinstance(error, InvalidParameter):
+        return Problem(422, "invalid_request", str(error), error.param)
+    if isinstance(error, JobNotFound):
+        return Problem(404, "not_found", str(error))
+    if isinstance(error, IdempotencyConflict | JobFinished):
+        return Problem(409, "conflict", str(error))
     logger.exception("request failed", exc_info=error)
     return Problem(500, "internal_error", "image generation failed; see the server log")
 
@@ -169,6 +186,16 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     # Known failures get their own handler: the catch-all below would also re-raise them.
-    for known in (StorageError, Overloaded, RequestTimedOut, WorkerLost):
+    for known in (
+        StorageError,
+        Overloaded,
+        RequestTimedOut,
+        WorkerLost,
+        JobStoreUnavailable,
+        InvalidParameter,
+        JobNotFound,
+        IdempotencyConflict,
+        JobFinished,
+    ):
         app.add_exception_handler(known, _mapped_error)
     app.add_exception_handler(Exception, _mapped_error)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
@@ -20,10 +21,12 @@ from serve_app.api.errors import (
     error_response,
     install_error_handlers,
 )
+from serve_app.api.jobs import JobBackend, jobs_router
 from serve_app.api.middleware import BodySizeLimitMiddleware, OutcomeMiddleware, RequestIdMiddleware
 from serve_app.api.openai.router import IMAGE_PATHS, openai_router
 from serve_app.api.playground import playground_page
 from serve_app.faults import deadline
+from serve_app.jobs.store import JobStoreUnavailable
 from serve_app.schemas import (
     GeneratedImage,
     GenerateRequest,
@@ -79,10 +82,14 @@ _ERRORS = documented_errors(openai=False)
 
 
 def create_app(
-    service: GenerationService, readiness: CheckReadiness, *, echo_request_id: bool = True
+    service: GenerationService,
+    readiness: CheckReadiness,
+    *,
+    echo_request_id: bool = True,
+    jobs: JobBackend | None = None,
 ) -> FastAPI:
     """The FastAPI application of the ingress; ``echo_request_id`` puts X-Request-Id on every
-    response (leave it to a proxy that does so already)."""
+    response (leave it to a proxy that does so already); with ``jobs``, ``/jobs`` too."""
     app = FastAPI(
         title="flux-serve",
         summary="Text to images with FLUX.1, ranked and stored.",
@@ -136,14 +143,24 @@ def create_app(
             slot.release()
 
     app.include_router(openai_router(service, admission, authenticated))
+    if jobs is not None:
+        client_errors: dict[int | str, dict[str, Any]] = {
+            code: _ERRORS[code] for code in (400, 401, 413, 422)
+        }
+        router = jobs_router(jobs, settings, service.telemetry, client_errors)
+        app.include_router(router, dependencies=authenticated)
 
     @app.get("/healthz", response_model=Readiness, responses={503: {"model": Readiness}})
     async def healthz() -> JSONResponse:
-        """Whether every part of the application is up, storage included."""
+        """Whether every part of the application is up, storage and the job broker included."""
         try:
             await asyncio.to_thread(service.store.check)
+            if jobs is not None:
+                await jobs.store.check()
         except StorageError as error:
             state = Readiness(ready=False, detail=f"storage: {error}")
+        except JobStoreUnavailable as error:
+            state = Readiness(ready=False, detail=f"jobs: {error}")
         else:
             state = await readiness()
         return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)

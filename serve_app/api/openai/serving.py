@@ -14,6 +14,7 @@ from serve_app.api.openai.protocol import (
     ModelCard,
     ModelList,
 )
+from serve_app.generation.planning import plan_jobs
 from serve_app.schemas import Diversity, GenerateRequest
 from serve_app.service import GenerationService
 
@@ -56,7 +57,8 @@ class OpenAIImages:
     ) -> ImagesResponse:
         """Make the images of ``request``: stored, with their URLs, or inline (b64_json)."""
         if response_format == "b64_json":
-            made = [image async for final in self.service.scored_images(request) for image in final]
+            jobs = plan_jobs(request, self.settings)
+            made = [i async for final in self.service.scored_images(jobs, request) for i in final]
             made.sort(key=lambda image: image.rendered.job.index)
             data = [ImageData(b64_json=base64.b64encode(i.rendered.data).decode()) for i in made]
         else:
