@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,22 +123,23 @@ def serve_config(setup: ServiceSetup, http_port: int, storage_dir: Path) -> dict
 
 
 @contextmanager
-def running_service(setup: ServiceSetup) -> Iterator[RunningService]:
-    """Start Ray, deploy the modified config with ``serve run``, and tear everything down; with
-    no ``redis_url``, a Redis of its own too (the ingress is ready only with the jobs' broker)."""
-    if setup.redis_url is not None:
-        with _running_service(setup) as service:
-            yield service
-        return
-    with (
-        private_redis() as redis_url,
-        _running_service(replace(setup, redis_url=redis_url)) as service,
-    ):
-        yield service
+def private_redis() -> Iterator[str]:
+    """A Redis of the benchmark's own on a free port, for the jobs broker that the shipped
+    config's application needs to be ready: its URL, until the block ends."""
+    with tempfile.TemporaryDirectory(prefix="flux-bench-redis-") as folder:
+        port = free_port()
+        redis = subprocess.Popen(server_command(Path(folder), port, daemonize=False))
+        try:
+            wait_until_up(port, Path(folder) / "redis.log")
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            redis.terminate()
+            redis.wait(timeout=30)
 
 
 @contextmanager
-def _running_service(setup: ServiceSetup) -> Iterator[RunningService]:
+def running_service(setup: ServiceSetup) -> Iterator[RunningService]:
+    """Start Ray, deploy the modified config with ``serve run``, and tear everything down."""
     import ray
     from ray import serve
 
@@ -169,18 +170,3 @@ def _running_service(setup: ServiceSetup) -> Iterator[RunningService]:
                 serve.shutdown()
             finally:
                 ray.shutdown()
-
-
-@contextmanager
-def private_redis() -> Iterator[str]:
-    """A Redis of the benchmark's own on a free port (the jobs' broker, which the ingress needs
-    to be ready); yields its URL and stops it at the end."""
-    with tempfile.TemporaryDirectory(prefix="flux-bench-redis-") as folder:
-        port = free_port()
-        redis = subprocess.Popen(server_command(Path(folder), port, daemonize=False))
-        try:
-            wait_until_up(port, Path(folder) / "redis.log")
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            redis.terminate()
-            redis.wait(timeout=30)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from bench.cluster import ServiceSetup, running_service
+from bench.cluster import ServiceSetup, private_redis, running_service
 from bench.lora_timing import MixFigures, SwitchFigures, ensure_loras, measure_mix, measure_switches
 from bench.presets import PRESETS, ensure_preset, runnable_preset
 from bench.report import Ratio, Table, Target, publish
@@ -184,20 +184,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     mix = None
     if not args.no_service:
         ensure_tiny_model(TINY_CLIP_NAME, cache_dir)  # the scorer, built before replicas race
-        setup = ServiceSetup(
-            model=model,
-            cache_dir=cache_dir,
-            size=args.size,
-            max_batch_size=args.images,
-            ray_cpus=args.ray_cpus,
-            gpus=torch.cuda.device_count(),
-            lora_dir=library,
-        )
-        with running_service(setup) as service:
-            logger.info("service: one adapter, then a mix of %d", len(names))
-            mix = measure_mix(
-                service, workload, names, args.concurrency, args.repeats, args.requests_per_client
+        with private_redis() as redis_url:
+            setup = ServiceSetup(
+                model=model,
+                cache_dir=cache_dir,
+                size=args.size,
+                max_batch_size=args.images,
+                ray_cpus=args.ray_cpus,
+                gpus=torch.cuda.device_count(),
+                lora_dir=library,
+                redis_url=redis_url,
             )
+            with running_service(setup) as service:
+                logger.info("service: one adapter, then a mix of %d", len(names))
+                mix = measure_mix(
+                    service,
+                    workload,
+                    names,
+                    args.concurrency,
+                    args.repeats,
+                    args.requests_per_client,
+                )
     results = LoraResults(preset.name, workload, args.repeats, switches, mix, machine)
     publish(to_text(results), to_markdown(results), args.markdown)
     return 0

@@ -6,6 +6,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 
+import torch
 from ray import serve
 
 from deployments.routing import ADAPTERS_STAT
@@ -32,7 +33,7 @@ class FluxWorker:
     def __init__(self) -> None:
         settings = get_settings()
         telemetry = RayTelemetry()
-        self.generator = FluxGenerator(settings, telemetry)
+        self.generator = FluxGenerator(settings, telemetry=telemetry)
         self.scheduler = RenderScheduler(
             self.generator,
             max_batch_size=settings.max_batch_size,
@@ -55,9 +56,12 @@ class FluxWorker:
         await asyncio.to_thread(self.generator.check)
 
     def placement(self) -> dict[str, str]:
-        """Which accelerator this replica was given and which device it computes on."""
+        """Which accelerator this replica was given, which device it computes on, and with how
+        many torch threads."""
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             "device": str(self.generator.device),
+            "torch_threads": str(torch.get_num_threads()),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         }

@@ -70,6 +70,13 @@ class ServiceSettings(BaseSettings):
         description="Run one small generation when a replica starts (with compile_mode, also "
         "one batch of the default size, which compiles it).",
     )
+    served_model_name: str | None = Field(
+        None,
+        min_length=1,
+        description="Model id of the OpenAI-compatible API: what clients pass as `model` and "
+        "GET /v1/models lists. Unset: `model` as given (a hub id such as "
+        "black-forest-labs/FLUX.1-schnell, or 'tiny'), or the name of a local folder.",
+    )
 
     # Lossless speed-ups (serve_app/generation/speedups.py); bench/ measures each.
     fuse_qkv: bool = Field(
@@ -88,6 +95,37 @@ class ServiceSettings(BaseSettings):
         "off",
         description="torch.compile the transformer and the VAE decoder in this mode; each new "
         "image size or batch size compiles once more.",
+    )
+
+    # Performance (serve_app/generation/threads.py, prompts.py, quantization.py)
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Threads torch computes on in a FluxWorker replica. Unset: on a CPU, every "
+        "core this process may use (Ray would give a replica of num_cpus 0.5 one thread); on a "
+        "GPU, torch's own choice.",
+    )
+    prompt_cache_size: int = Field(
+        32,
+        ge=0,
+        le=4096,
+        description="Prompt embeddings a FluxWorker keeps (least recently used go first), so "
+        "that the batches of a request, and later requests with the same prompt, run the text "
+        "encoders once per text; 0: every batch encodes its distinct texts again.",
+    )
+    compile_scope: Literal["whole", "blocks"] = Field(
+        "whole",
+        description="What compile_mode compiles of the transformer: 'whole' (one graph) or "
+        "'blocks' (each of its repeated blocks, diffusers' regional compilation: a fraction of "
+        "the compile time, nearly the same speed).",
+    )
+    quantize: Literal["none", "int8_weight_only", "fp8"] = Field(
+        "none",
+        description="Quantize the transformer's linear layers with torchao after loading, "
+        "before compiling (lossy: images move a little; bench/ reports how far): "
+        "'int8_weight_only' (any device), 'fp8' (float8 weights and activations, on a GPU of "
+        "compute capability 8.9 or newer: L4, L40S, H100, H200).",
     )
 
     # Reliability
@@ -277,6 +315,16 @@ class ServiceSettings(BaseSettings):
         own, or the tiny model's)."""
         library = self.lora_dir or self.lora_s3_url or self.model == EMBEDDED_MODEL
         return self.max_loras > 0 and bool(library)
+
+    @property
+    def served_model(self) -> str:
+        """The model id clients of the OpenAI-compatible API name."""
+        if self.served_model_name:
+            return self.served_model_name
+        # A hub id is "owner/name"; a folder given by its path is known by its name.
+        if self.model.startswith(("/", ".", "~")):
+            return Path(self.model).name
+        return self.model
 
     @field_validator("api_keys", mode="before")
     @classmethod
