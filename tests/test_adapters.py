@@ -117,6 +117,17 @@ def test_the_cache_holds_no_more_bytes_than_it_may(settings: ServiceSettings) ->
     render_one(generator, job((attention,)))  # it still serves the adapters one at a time
 
 
+def test_adapters_apply_on_a_quantized_transformer(settings: ServiceSettings) -> None:
+    """Loaded after quantizing, an adapter keeps its own precision beside the int8 weights."""
+    quantized = FluxGenerator(
+        settings.model_copy(update={"quantize": "int8_weight_only", "warmup": False})
+    )
+    base = render_one(quantized, job())
+    (mlp,) = resolved(quantized, Lora(name=MLP))
+    assert mean_abs_difference(render_one(quantized, job((mlp,))), base) > 1.0
+    assert render_one(quantized, job()) == base
+
+
 # The API, on a library that also holds files no request may use
 
 
