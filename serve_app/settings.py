@@ -155,7 +155,7 @@ class ServiceSettings(BaseSettings):
         "Empty: no authentication (the local default).",
     )
 
-    # LoRA adapters (serve_app/generation/adapters.py)
+    # LoRA adapters (serve_app/generation/adapter_library.py, adapter_runtime.py)
     lora_dir: Path | None = Field(
         None,
         description="Folder of the adapter library: diffusers/peft LoRA files named "
