@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import httpx
 from fastapi.testclient import TestClient
 
 from serve_app.storage.local import LocalImageStore
 
 from .images import mean_abs_difference
 from .sse import parse_events
+
+
+def docs_pages_load_from_the_service(client: httpx.Client) -> None:
+    """/docs and /redoc, and every file they load, come from the service itself."""
+    for page in ("/docs", "/redoc"):
+        html = client.get(page)
+        assert html.status_code == 200
+        assets = re.findall(r'(?:src|href)="([^"]+)"', html.text)
+        assert len(assets) >= 2, page  # the bundle and the icon at least
+        for asset in assets:
+            assert asset.startswith("/"), f"{page} loads {asset} from elsewhere"
+            assert client.get(asset).status_code == 200, asset
 
 
 def generate(client: TestClient, **payload: object) -> dict:  # type: ignore[type-arg]
@@ -136,7 +150,7 @@ def test_healthz_and_docs(client: TestClient) -> None:
     assert request_schema["additionalProperties"] is False
     for name, field in request_schema["properties"].items():
         assert field.get("description"), name
-    assert client.get("/docs").status_code == 200
+    docs_pages_load_from_the_service(client)
 
 
 def test_every_response_carries_a_request_id(client: TestClient) -> None:
