@@ -16,3 +16,8 @@ def pixels(data: bytes) -> np.ndarray:
 def mean_abs_difference(a: bytes, b: bytes) -> float:
     """Mean absolute pixel difference of two encoded images, in 0..255 units."""
     return float(np.abs(pixels(a) - pixels(b)).mean())
+
+
+def max_abs_difference(a: bytes, b: bytes) -> int:
+    """The largest difference of any pixel value of two encoded images, in 0..255 units."""
+    return int(np.abs(pixels(a) - pixels(b)).max())

@@ -143,7 +143,9 @@ class FluxGenerator:
             return tensors
 
         with torch.inference_mode():
-            self.pipeline.scheduler = make_scheduler(sampler, self._scheduler_config)
+            self.pipeline.scheduler = make_scheduler(
+                sampler, self._scheduler_config, arguments["generator"]
+            )
             return self.pipeline(**arguments, callback_on_step_end=stop_when_cancelled).images
 
     def sample(

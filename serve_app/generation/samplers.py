@@ -60,6 +60,29 @@ def _scheduler_class(name: str) -> type:
     import diffusers
 
     base: type = getattr(diffusers, name)
+    if name == "FlowMatchLCMScheduler":
+
+        class FlowMatchLCMForFlux(base):  # type: ignore[misc]
+            """LCM that draws the noise it adds at each step from each image's own generator.
+
+            FluxPipeline passes no generator to ``step``; the stock scheduler then draws from
+            torch's global random state, and no image could be made again from its seed.
+            """
+
+            generators: list[Any] | None = None
+
+            def step(
+                self,
+                model_output: Any,
+                timestep: Any,
+                sample: Any,
+                generator: Any = None,
+                return_dict: bool = True,
+            ) -> Any:
+                own = self.generators if generator is None else generator
+                return super().step(model_output, timestep, sample, own, return_dict)
+
+        return FlowMatchLCMForFlux
     if name != "FlowMatchHeunDiscreteScheduler":
         return base
 
@@ -80,12 +103,21 @@ def _scheduler_class(name: str) -> type:
     return FlowMatchHeunForFlux
 
 
-def make_scheduler(sampler: str, base_config: dict[str, Any]) -> Any:
-    """A fresh scheduler for ``sampler`` from the model's own scheduler configuration."""
+def make_scheduler(
+    sampler: str, base_config: dict[str, Any], generators: list[Any] | None = None
+) -> Any:
+    """A fresh scheduler for ``sampler`` from the model's own scheduler configuration.
+
+    ``generators`` (one per image of the batch, those that drew its initial noise) feed the
+    samplers that add noise as they go, so that each image depends on its own seed alone.
+    """
     spec = SAMPLERS[sampler]
     cls = _scheduler_class(spec.scheduler)
     # Keep only what this class takes: diffusers' bookkeeping keys (such as _use_default_values)
     # would otherwise make it drop our overrides, and foreign keys only produce warnings.
     accepted = cls._get_init_keys(cls)  # type: ignore[attr-defined]
     config = {key: value for key, value in base_config.items() if key in accepted}
-    return cls(**{**config, **spec.overrides})
+    scheduler = cls(**{**config, **spec.overrides})
+    if hasattr(scheduler, "generators"):
+        scheduler.generators = generators
+    return scheduler
