@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 from serve_app.generation.planning import SamplingJob
 from serve_app.generation.samplers import make_scheduler
 from serve_app.generation.speedups import apply_speedups
+from serve_app.models.image_processors import use_pil_image_processors
 from serve_app.models.sources import (
     quiet_progress_bars,
     resolve_source,
@@ -43,6 +44,7 @@ class FluxGenerator:
     """A loaded FLUX pipeline that turns batches of sampling jobs into images."""
 
     def __init__(self, settings: ServiceSettings) -> None:
+        use_pil_image_processors()
         from diffusers import FluxPipeline
 
         quiet_progress_bars()
