@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from typing import Any
 import yaml  # type: ignore[import-untyped]
 
 from deployments.local_cluster import deploy, free_port, wait_until_ready
+from deployments.local_redis import server_command, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_DEPLOYMENT = "FluxWorker"
@@ -39,6 +41,10 @@ class ServiceSetup:
     gpus: int
     batch_across_requests: bool = True
     ready_timeout_s: float = 600.0
+    redis_url: str | None = None
+    """The jobs' Redis (FLUX_SERVE_REDIS_URL and FluxWorker's policy); None: as shipped."""
+    worker_min_replicas: int | None = None
+    """FluxWorker's min_replicas, starting there too (0: scale from zero); None: as shipped."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,16 @@ def serve_config(setup: ServiceSetup, http_port: int, storage_dir: Path) -> dict
             "FLUX_SERVE_STORAGE_DIR": str(storage_dir),
         }
     )
+    for deployment in application["deployments"]:
+        autoscaling = deployment.get("autoscaling_config") or {}
+        if setup.redis_url and "policy" in autoscaling:
+            autoscaling["policy"]["policy_kwargs"]["broker_url"] = setup.redis_url
+        if deployment["name"] == WORKER_DEPLOYMENT and setup.worker_min_replicas is not None:
+            autoscaling["min_replicas"] = autoscaling["initial_replicas"] = (
+                setup.worker_min_replicas
+            )
+    if setup.redis_url:
+        application["runtime_env"]["env_vars"]["FLUX_SERVE_REDIS_URL"] = setup.redis_url
     if setup.gpus:
         # As README.md's "Real weights" says: one GPU per worker, as many workers as GPUs.
         for deployment in application["deployments"]:
@@ -100,6 +116,21 @@ def serve_config(setup: ServiceSetup, http_port: int, storage_dir: Path) -> dict
                 if autoscaling:
                     autoscaling["max_replicas"] = min(autoscaling["max_replicas"], setup.gpus)
     return config
+
+
+@contextmanager
+def private_redis() -> Iterator[str]:
+    """A Redis of the benchmark's own on a free port, for the jobs broker that the shipped
+    config's application needs to be ready: its URL, until the block ends."""
+    with tempfile.TemporaryDirectory(prefix="flux-bench-redis-") as folder:
+        port = free_port()
+        redis = subprocess.Popen(server_command(Path(folder), port, daemonize=False))
+        try:
+            wait_until_up(port, Path(folder) / "redis.log")
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            redis.terminate()
+            redis.wait(timeout=30)
 
 
 @contextmanager

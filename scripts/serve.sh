@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Sets up .venv, then serves config/serve.yaml on http://127.0.0.1:8000 until Ctrl-C or
-# scripts/stop.sh, either of which shuts Serve and its Ray instance down cleanly.
+# scripts/stop.sh, either of which shuts Serve and its Ray instance down cleanly. The Redis that
+# the jobs queue on (127.0.0.1:6380, data in var/redis) keeps running, so that queued jobs wait
+# there across restarts of the service; it is reused when found running.
 #
 #   scripts/serve.sh --private [--port N]
-#       As root: Ray and the service run in a network namespace of their own that has only
-#       loopback, so none of Ray's ports can be reached from other machines; a relay on this
-#       machine's 127.0.0.1:N (8000) is the one way in.
+#       As root: Ray, the service and its Redis (data in var/redis-private; it stops with the
+#       service) run in a network namespace of their own that has only loopback, so none of
+#       their ports can be reached from other machines; a relay on this machine's 127.0.0.1:N
+#       (8000) is the one way in.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,6 +58,14 @@ scripts/setup.sh
 export RAY_USAGE_STATS_ENABLED=0
 # Build the embedded tiny models once before the replicas start (they would build them too).
 .venv/bin/flux-serve build-tiny-models >/dev/null
+# The webhook signing secret of this machine, made once (receivers verify with it).
+secret_file=var/webhook-secret
+if [[ ! -s $secret_file ]]; then
+  mkdir -p var
+  (umask 077 && printf 'whsec_%s\n' "$(head -c 32 /dev/urandom | base64)" > "$secret_file")
+fi
+FLUX_SERVE_WEBHOOK_SECRET=${FLUX_SERVE_WEBHOOK_SECRET:-$(cat "$secret_file")}
+export FLUX_SERVE_WEBHOOK_SECRET
 
 # serve run shuts down cleanly on SIGINT (it deletes the application, then stops the Ray instance
 # it started); on SIGTERM Ray's crash handler prints stack frames and aborts. So serve run runs
@@ -73,7 +84,13 @@ if $private; then
   relays=()
   close_namespace() {
     for relay in "${relays[@]}"; do kill -- "-$relay" 2>/dev/null || true; done
-    # Whatever is still in the namespace is this service's: nothing else can be in it.
+    # Whatever is still in the namespace is this service's (its Redis, at least): nothing else
+    # can be in it. Redis ends cleanly on SIGTERM; what is left after 5 s is killed.
+    ip netns pids "$namespace" 2>/dev/null | xargs -r kill -TERM 2>/dev/null || true
+    for ((waited = 0; waited < 10; waited++)); do
+      [[ -z $(ip netns pids "$namespace" 2>/dev/null) ]] && break
+      sleep 0.5
+    done
     ip netns pids "$namespace" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
     ip netns delete "$namespace" 2>/dev/null || true
     rm -rf "$relay_dir" "$pid_file"
@@ -88,10 +105,13 @@ if $private; then
   relays+=($!)
   socat TCP-LISTEN:"$port",bind=127.0.0.1,reuseaddr,fork UNIX-CONNECT:"$relay_dir/http.sock" &
   relays+=($!)
+  ip netns exec "$namespace" \
+    .venv/bin/python -m deployments.local_redis config/serve.yaml --dir var/redis-private
   ip netns exec "$namespace" "${serve[@]}" &
   echo "serving privately in network namespace $namespace: http://127.0.0.1:$port" >&2
 else
   trap 'rm -f "$pid_file"' EXIT
+  .venv/bin/python -m deployments.local_redis config/serve.yaml --dir var/redis
   "${serve[@]}" &
 fi
 server=$!
