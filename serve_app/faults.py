@@ -1,7 +1,11 @@
 """Failures the request flow tells apart: a lost worker is retried, overload and timeouts are
-answered at once."""
+answered at once; and the deadline that times a request out."""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 
 class WorkerLost(RuntimeError):
@@ -14,3 +18,18 @@ class Overloaded(RuntimeError):
 
 class RequestTimedOut(RuntimeError):
     """The request took longer than its deadline; its work was cancelled."""
+
+
+@contextlib.asynccontextmanager
+async def deadline(seconds: float) -> AsyncIterator[None]:
+    """Cancel the work inside after ``seconds`` and raise RequestTimedOut."""
+    timeout = asyncio.timeout(seconds)
+    try:
+        async with timeout:
+            yield
+    except TimeoutError as error:
+        if not timeout.expired():
+            raise
+        raise RequestTimedOut(
+            f"the request took longer than {seconds:g} s; its work was cancelled"
+        ) from error

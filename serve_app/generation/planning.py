@@ -23,6 +23,7 @@ class SamplingJob(BaseModel):
     negative_prompt: str | None
     params: SamplingParams
     image_format: ImageFormat = "png"
+    image_quality: int = 95
 
     def batch_key(self) -> tuple[object, ...]:
         """Jobs with equal keys can share one pipeline call, whichever request they come from:
@@ -87,7 +88,12 @@ def plan_jobs(request: GenerateRequest, settings: ServiceSettings) -> list[Sampl
                 prompt=request.prompt,
                 negative_prompt=request.negative_prompt,
                 params=params,
-                image_format=settings.image_format,
+                image_format=request.image_format or settings.image_format,
+                image_quality=(
+                    settings.image_quality
+                    if request.image_quality is None
+                    else request.image_quality
+                ),
             )
         )
     return jobs
