@@ -31,6 +31,9 @@ RenderStream = Callable[[list[SamplingJob]], AsyncIterator[list[RenderedImage]]]
 ScoreImages = Callable[[str, list[bytes]], Awaitable[list[float]]]
 """Scores encoded images for a prompt."""
 
+OnStored = Callable[[GeneratedImage], Awaitable[None]]
+"""Hears of each image once it is stored (a job records it)."""
+
 
 @dataclass(frozen=True)
 class Destination:
@@ -78,12 +81,18 @@ class GenerationService:
             yield image
 
     async def make_images(
-        self, jobs: list[SamplingJob], request: GenerateRequest, destination: Destination
+        self,
+        jobs: list[SamplingJob],
+        request: GenerateRequest,
+        destination: Destination,
+        on_stored: OnStored | None = None,
     ) -> AsyncIterator[GeneratedImage]:
         """Make, score and store the images of ``jobs`` (some or all of ``request``'s plan),
-        yielding each as soon as it is stored; with top_k, only the K best, best first."""
+        yielding each as soon as it is stored; with top_k, only the K best, best first.
+        ``on_stored`` hears of every image stored, also of those a caller that stops in the
+        middle of a batch is no longer given."""
         async for final in self.scored_images(jobs, request):
-            for image in await self._store_all(final, destination):
+            for image in await self._store_all(final, destination, on_stored):
                 yield image
 
     async def scored_images(
@@ -180,12 +189,20 @@ class GenerationService:
         return [ScoredImage(rendered, score) for rendered, score in zip(batch, scores, strict=True)]
 
     async def _store_all(
-        self, items: list[ScoredImage], destination: Destination
+        self, items: list[ScoredImage], destination: Destination, on_stored: OnStored | None
     ) -> list[GeneratedImage]:
         """Store concurrently, off the event loop; fail if any image could not be stored."""
-        results = await asyncio.gather(
-            *(self._store(item, destination) for item in items), return_exceptions=True
+        storing = asyncio.gather(
+            *(self._store(item, destination, on_stored) for item in items),
+            return_exceptions=True,
         )
+        try:
+            results = await asyncio.shield(storing)
+        except asyncio.CancelledError:
+            # An upload can't be called back once started: let the batch land and be heard of
+            # (a stopped job keeps exactly the images it reports), then stop.
+            await storing
+            raise
         failures = [
             (item, result)
             for item, result in zip(items, results, strict=True)
@@ -204,19 +221,24 @@ class GenerationService:
             )
         return [result for result in results if isinstance(result, GeneratedImage)]
 
-    async def _store(self, item: ScoredImage, destination: Destination) -> GeneratedImage:
+    async def _store(
+        self, item: ScoredImage, destination: Destination, on_stored: OnStored | None
+    ) -> GeneratedImage:
         job = item.rendered.job
         extension = job.image_format
         key = image_key(destination.request_id, destination.attempt, job.index, extension)
         started = time.perf_counter()
         await asyncio.to_thread(self.store.put, key, item.rendered.data, content_type(extension))
         self.telemetry.stage_seconds("upload", time.perf_counter() - started)
-        return GeneratedImage(
+        image = GeneratedImage(
             url=self.store.url(key, destination.base_url),
             index=job.index,
             sampling_params=job.params,
             score=item.score,
         )
+        if on_stored is not None:
+            await on_stored(image)
+        return image
 
 
 def build_response(

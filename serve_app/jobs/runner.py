@@ -223,12 +223,18 @@ class JobRunner:
             remaining = [job for job in plan if job.index not in stored]
         destination = Destination(record.job_id, record.attempt, record.base_url)
         made: list[GeneratedImage] = []
+
+        async def record_image(image: GeneratedImage) -> None:
+            await self.store.add_image(record.job_id, image)
+            made.append(image)
+
         if remaining:
-            async for image in self.service.make_images(remaining, request, destination):
-                await self.store.add_image(record.job_id, image)
-                made.append(image)
+            images = self.service.make_images(remaining, request, destination, record_image)
+            async for _ in images:
+                pass  # record_image has recorded each one as it was stored
         if request.top_k is not None:
-            return made or sorted(stored.values(), key=lambda i: (-(i.score or 0.0), i.index))
+            best = made or list(stored.values())
+            return sorted(best, key=lambda image: (-(image.score or 0.0), image.index))
         return sorted([*stored.values(), *made], key=lambda image: image.index)
 
     async def _watch(self, job_id: str, token: str) -> None:
