@@ -7,6 +7,7 @@ in-process models in the fast tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -191,18 +192,24 @@ class GenerationService:
     async def _store_all(
         self, items: list[ScoredImage], destination: Destination, on_stored: OnStored | None
     ) -> list[GeneratedImage]:
-        """Store concurrently, off the event loop; fail if any image could not be stored."""
-        storing = asyncio.gather(
-            *(self._store(item, destination, on_stored) for item in items),
-            return_exceptions=True,
-        )
+        """Store concurrently, off the event loop, and tell ``on_stored`` of each image; fail if
+        any could not be stored. Once begun it runs to its end, even when the caller is
+        cancelled meanwhile: an upload can't be called back, and a stopped job must keep exactly
+        the images it reports."""
+        storing = asyncio.ensure_future(self._store_batch(items, destination, on_stored))
         try:
-            results = await asyncio.shield(storing)
+            return await asyncio.shield(storing)
         except asyncio.CancelledError:
-            # An upload can't be called back once started: let the batch land and be heard of
-            # (a stopped job keeps exactly the images it reports), then stop.
-            await storing
+            with contextlib.suppress(Exception):  # the caller stops either way
+                await storing
             raise
+
+    async def _store_batch(
+        self, items: list[ScoredImage], destination: Destination, on_stored: OnStored | None
+    ) -> list[GeneratedImage]:
+        results = await asyncio.gather(
+            *(self._store(item, destination) for item in items), return_exceptions=True
+        )
         failures = [
             (item, result)
             for item, result in zip(items, results, strict=True)
@@ -219,26 +226,25 @@ class GenerationService:
             raise StorageError(
                 f"{len(failures)} of {len(items)} images could not be stored: {failures[0][1]}"
             )
-        return [result for result in results if isinstance(result, GeneratedImage)]
+        images = [result for result in results if isinstance(result, GeneratedImage)]
+        if on_stored is not None:
+            for image in images:
+                await on_stored(image)
+        return images
 
-    async def _store(
-        self, item: ScoredImage, destination: Destination, on_stored: OnStored | None
-    ) -> GeneratedImage:
+    async def _store(self, item: ScoredImage, destination: Destination) -> GeneratedImage:
         job = item.rendered.job
         extension = job.image_format
         key = image_key(destination.request_id, destination.attempt, job.index, extension)
         started = time.perf_counter()
         await asyncio.to_thread(self.store.put, key, item.rendered.data, content_type(extension))
         self.telemetry.stage_seconds("upload", time.perf_counter() - started)
-        image = GeneratedImage(
+        return GeneratedImage(
             url=self.store.url(key, destination.base_url),
             index=job.index,
             sampling_params=job.params,
             score=item.score,
         )
-        if on_stored is not None:
-            await on_stored(image)
-        return image
 
 
 def build_response(
