@@ -1,6 +1,6 @@
 """Jobs benchmark: what the queue costs against /generate, and how long a cold start takes.
 
-    .venv/bin/python -m bench.jobs --jobs 4        # bench/run.sh runs bench.throughput instead
+    bench/run.sh jobs --jobs 4      # in a loopback-only network namespace (as root)
 
 1. N jobs submitted at once and N streamed /generate requests at once, the same images each, on
    the same service (the embedded tiny model, its own Ray instance and Redis): images/s of each,
