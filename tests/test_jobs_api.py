@@ -232,6 +232,23 @@ def delivered_webhook(settings: ServiceSettings, job_id: str) -> dict[str, Any]:
     return job
 
 
+def assert_made_once(
+    client: TestClient, store: LocalImageStore, job_id: str, rendered: list[int]
+) -> None:
+    """The job succeeded with its eight images, each made and stored exactly once."""
+    job = client.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job
+    assert sorted(rendered) == list(range(8))
+    assert sorted(image["index"] for image in job["result"]["images"]) == list(range(8))
+    assert len(list((Path(store.root) / job_id).iterdir())) == 8
+
+
+@pytest.fixture
+def job_of_eight(jobs_client: TestClient) -> str:
+    """A queued job of eight images: two batches."""
+    return str(jobs_client.post("/jobs", json={**SMALL, "nof_images": 8}).json()["id"])
+
+
 def test_a_cancelled_queued_job_never_runs(
     jobs_client: TestClient,
     jobs_settings: ServiceSettings,
@@ -259,23 +276,18 @@ def test_a_run_after_a_lost_one_makes_only_the_missing_images_and_stores_each_on
     jobs_settings: ServiceSettings,
     make_service: MakeService,
     store: LocalImageStore,
+    job_of_eight: str,
 ) -> None:
-    body = {**SMALL, "nof_images": 8}
-    job_id = jobs_client.post("/jobs", json=body).json()["id"]
     first: list[int] = []
     losing = make_runner(jobs_settings, make_service, store, first, fail_after=4)
     with pytest.raises(WorkerLost):  # the first run fails; Celery retries it
-        asyncio.run(losing.run(job_id))
-    half = jobs_client.get(f"/jobs/{job_id}").json()
+        asyncio.run(losing.run(job_of_eight))
+    half = jobs_client.get(f"/jobs/{job_of_eight}").json()
     assert half["status"] == "running"
     assert half["progress"]["done"] == len(first) == 4
     second: list[int] = []
-    asyncio.run(make_runner(jobs_settings, make_service, store, second).run(job_id))
-    job = jobs_client.get(f"/jobs/{job_id}").json()
-    assert job["status"] == "succeeded", job
-    assert sorted(first + second) == list(range(8))  # nothing made twice
-    assert sorted(image["index"] for image in job["result"]["images"]) == list(range(8))
-    assert len(list((Path(store.root) / job_id).iterdir())) == 8
+    asyncio.run(make_runner(jobs_settings, make_service, store, second).run(job_of_eight))
+    assert_made_once(jobs_client, store, job_of_eight, first + second)
 
 
 def test_a_job_whose_runs_keep_failing_is_failed_with_the_error(
@@ -314,33 +326,25 @@ def test_a_stopping_runner_queues_its_job_again_without_counting_the_run(
     jobs_settings: ServiceSettings,
     make_service: MakeService,
     store: LocalImageStore,
+    job_of_eight: str,
 ) -> None:
-    body = {**SMALL, "nof_images": 8}
-    job_id = jobs_client.post("/jobs", json=body).json()["id"]
     before = queued_runs(jobs_settings)
     runners: list[JobRunner] = []
     # More hand-backs than the job has runs: a restart is not a failed run.
     for handed_back in range(1, jobs_settings.jobs_max_attempts + 2):
         service = make_service(jobs_settings, store, never_ending(runners))
-        runners.append(
-            JobRunner(
-                jobs_settings, job_store(jobs_settings), service, CeleryJobQueue(jobs_settings)
-            )
-        )
+        runners.append(job_runner(jobs_settings, service))
         # Queued again by the runner itself, not left to the stopping Celery consumer.
-        assert asyncio.run(runners[-1].run(job_id)) == "done"
+        assert asyncio.run(runners[-1].run(job_of_eight)) == "done"
         assert queued_runs(jobs_settings) == before + handed_back
     # A delivery that reaches a stopping runner goes back to the queue untouched.
-    assert asyncio.run(runners[-1].run(job_id)) == "done"
+    assert asyncio.run(runners[-1].run(job_of_eight)) == "done"
     assert queued_runs(jobs_settings) == before + len(runners) + 1
-    assert jobs_client.get(f"/jobs/{job_id}").json()["status"] == "running"
+    assert jobs_client.get(f"/jobs/{job_of_eight}").json()["status"] == "running"
     rendered: list[int] = []
-    assert asyncio.run(make_runner(jobs_settings, make_service, store, rendered).run(job_id)) == (
-        "done"
-    )
-    job = jobs_client.get(f"/jobs/{job_id}").json()
-    assert job["status"] == "succeeded", job
-    assert sorted(rendered) == list(range(8))
+    runner = make_runner(jobs_settings, make_service, store, rendered)
+    assert asyncio.run(runner.run(job_of_eight)) == "done"
+    assert_made_once(jobs_client, store, job_of_eight, rendered)
 
 
 @pytest.mark.parametrize("stall_after", [4, 8], ids=["mid-run", "before-the-end"])
@@ -349,11 +353,11 @@ def test_a_run_whose_lease_lapsed_while_it_stalled_still_ends_the_job(
     jobs_settings: ServiceSettings,
     make_service: MakeService,
     store: LocalImageStore,
+    job_of_eight: str,
     stall_after: int,
 ) -> None:
     """Nobody took the job over, so the slow runner keeps it: its result is the job's."""
     quick = jobs_settings.model_copy(update={"jobs_lease_s": 0.5})
-    job_id = jobs_client.post("/jobs", json={**SMALL, "nof_images": 8}).json()["id"]
 
     def stall(images: int) -> None:
         if images == stall_after:
@@ -361,11 +365,8 @@ def test_a_run_whose_lease_lapsed_while_it_stalled_still_ends_the_job(
 
     rendered: list[int] = []
     runner = make_runner(quick, make_service, store, rendered, after_batch=stall)
-    assert asyncio.run(runner.run(job_id)) == "done"
-    job = jobs_client.get(f"/jobs/{job_id}").json()
-    assert job["status"] == "succeeded", job
-    assert sorted(rendered) == list(range(8))
-    assert len(list((Path(store.root) / job_id).iterdir())) == 8
+    assert asyncio.run(runner.run(job_of_eight)) == "done"
+    assert_made_once(jobs_client, store, job_of_eight, rendered)
 
 
 def test_redis_down_is_a_503_naming_the_broker_while_generate_works(
