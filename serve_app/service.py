@@ -7,6 +7,7 @@ in-process models in the fast tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -30,6 +31,9 @@ RenderStream = Callable[[list[SamplingJob]], AsyncIterator[list[RenderedImage]]]
 
 ScoreImages = Callable[[str, list[bytes]], Awaitable[list[float]]]
 """Scores encoded images for a prompt."""
+
+OnStored = Callable[[GeneratedImage], Awaitable[None]]
+"""Hears of each image once it is stored (a job records it)."""
 
 
 @dataclass(frozen=True)
@@ -78,12 +82,18 @@ class GenerationService:
             yield image
 
     async def make_images(
-        self, jobs: list[SamplingJob], request: GenerateRequest, destination: Destination
+        self,
+        jobs: list[SamplingJob],
+        request: GenerateRequest,
+        destination: Destination,
+        on_stored: OnStored | None = None,
     ) -> AsyncIterator[GeneratedImage]:
         """Make, score and store the images of ``jobs`` (some or all of ``request``'s plan),
-        yielding each as soon as it is stored; with top_k, only the K best, best first."""
+        yielding each as soon as it is stored; with top_k, only the K best, best first.
+        ``on_stored`` hears of every image stored, also of those a caller that stops in the
+        middle of a batch is no longer given."""
         async for final in self.scored_images(jobs, request):
-            for image in await self._store_all(final, destination):
+            for image in await self._store_all(final, destination, on_stored):
                 yield image
 
     async def scored_images(
@@ -180,9 +190,23 @@ class GenerationService:
         return [ScoredImage(rendered, score) for rendered, score in zip(batch, scores, strict=True)]
 
     async def _store_all(
-        self, items: list[ScoredImage], destination: Destination
+        self, items: list[ScoredImage], destination: Destination, on_stored: OnStored | None
     ) -> list[GeneratedImage]:
-        """Store concurrently, off the event loop; fail if any image could not be stored."""
+        """Store concurrently, off the event loop, and tell ``on_stored`` of each image; fail if
+        any could not be stored. Once begun it runs to its end, even when the caller is
+        cancelled meanwhile: an upload can't be called back, and a stopped job must keep exactly
+        the images it reports."""
+        storing = asyncio.ensure_future(self._store_batch(items, destination, on_stored))
+        try:
+            return await asyncio.shield(storing)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # the caller stops either way
+                await storing
+            raise
+
+    async def _store_batch(
+        self, items: list[ScoredImage], destination: Destination, on_stored: OnStored | None
+    ) -> list[GeneratedImage]:
         results = await asyncio.gather(
             *(self._store(item, destination) for item in items), return_exceptions=True
         )
@@ -202,7 +226,11 @@ class GenerationService:
             raise StorageError(
                 f"{len(failures)} of {len(items)} images could not be stored: {failures[0][1]}"
             )
-        return [result for result in results if isinstance(result, GeneratedImage)]
+        images = [result for result in results if isinstance(result, GeneratedImage)]
+        if on_stored is not None:
+            for image in images:
+                await on_stored(image)
+        return images
 
     async def _store(self, item: ScoredImage, destination: Destination) -> GeneratedImage:
         job = item.rendered.job

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -14,9 +15,10 @@ from fastapi import FastAPI
 from serve_app.api.routes import create_app
 from serve_app.faults import WorkerLost
 from serve_app.generation.pipeline import FluxGenerator, RenderedImage
-from serve_app.generation.planning import SamplingJob
+from serve_app.generation.planning import SamplingJob, plan_jobs
 from serve_app.generation.scheduling import RenderScheduler
-from serve_app.schemas import GenerateRequest
+from serve_app.schemas import GeneratedImage, GenerateRequest
+from serve_app.service import Destination
 from serve_app.settings import ServiceSettings
 from serve_app.storage.local import LocalImageStore
 
@@ -155,6 +157,56 @@ def test_cancelling_a_request_stops_the_pipeline_at_its_next_step(
         assert time.monotonic() < deadline, "the pipeline kept running after cancellation"
         time.sleep(0.05)
     assert generator.pipeline.interrupt  # it was stopped, not run to its end
+
+
+class HeldStore(LocalImageStore):
+    """Stores for real (uploads run in threads), but holds one key's upload until released."""
+
+    def __init__(self, root: Path, held_key_part: str) -> None:
+        super().__init__(root, public_base_url=None)
+        self.held_key_part = held_key_part
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        if self.held_key_part in key:
+            self.entered.set()
+            self.release.wait(60)
+        super().put(key, data, content_type)
+
+
+def test_a_caller_that_stops_mid_batch_hears_of_every_image_stored(
+    settings: ServiceSettings, make_service: MakeService, tmp_path: Path
+) -> None:
+    """What a job needs: the images it reports are exactly the images stored, also when it is
+    cancelled while a batch is being uploaded."""
+    store = HeldStore(tmp_path / "images", held_key_part="/0001-")
+    service = make_service(settings, store)
+    request = GenerateRequest.model_validate({**SMALL, "nof_images": 4})
+    destination = Destination("stopped", "nonce", "http://x")
+    heard: list[int] = []
+
+    async def on_stored(image: GeneratedImage) -> None:
+        heard.append(image.index)
+
+    async def consume() -> None:
+        jobs = plan_jobs(request, settings)
+        async for _ in service.make_images(jobs, request, destination, on_stored):
+            pass
+
+    async def scenario() -> None:
+        task = asyncio.create_task(consume())
+        await asyncio.to_thread(store.entered.wait, 60)
+        task.cancel()  # while image 1 is being written
+        await asyncio.sleep(0)
+        store.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    stored = sorted(path.name for path in (tmp_path / "images" / "stopped").iterdir())
+    assert len(stored) == 4  # one batch: all four uploads had started
+    assert sorted(heard) == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
