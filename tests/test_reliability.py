@@ -158,12 +158,14 @@ def test_cancelling_a_request_stops_the_pipeline_at_its_next_step(
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-def test_an_oversized_body_is_a_413(client_app: FastAPI, chunked: bool) -> None:
-    body = b'{"prompt": "' + b"x" * 70_000 + b'"}'
+def test_an_oversized_body_is_a_413(
+    client_app: FastAPI, settings: ServiceSettings, chunked: bool
+) -> None:
+    body = b'{"prompt": "' + b"x" * settings.max_body_bytes + b'"}'
 
     async def chunks() -> AsyncIterator[bytes]:
-        for start in range(0, len(body), 8192):
-            yield body[start : start + 8192]
+        for start in range(0, len(body), 2**16):
+            yield body[start : start + 2**16]
 
     async def scenario(client: httpx.AsyncClient) -> None:
         content = chunks() if chunked else body
@@ -172,7 +174,7 @@ def test_an_oversized_body_is_a_413(client_app: FastAPI, chunked: bool) -> None:
         )
         assert response.status_code == 413
         assert response.json()["error"]["type"] in {"request_too_large", "http_error"}
-        assert "65536 bytes" in response.json()["error"]["message"]
+        assert f"{settings.max_body_bytes} bytes" in response.json()["error"]["message"]
 
     call(client_app, scenario)
 
