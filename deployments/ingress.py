@@ -19,6 +19,7 @@ from serve_app.api.routes import create_app
 from serve_app.faults import Overloaded, WorkerLost
 from serve_app.generation.pipeline import RenderedImage
 from serve_app.generation.planning import SamplingJob
+from serve_app.inputs.pixels import RenderInputs
 from serve_app.schemas import Readiness
 from serve_app.service import GenerationService
 from serve_app.settings import get_settings
@@ -61,9 +62,11 @@ class Ingress:
         # Ray Serve's proxy already puts X-Request-Id (the client's, or its own) on every answer.
         return create_app(self.service, self._readiness, echo_request_id=False)
 
-    async def _render(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
+    async def _render(
+        self, jobs: list[SamplingJob], inputs: RenderInputs
+    ) -> AsyncIterator[list[RenderedImage]]:
         with replica_faults("FluxWorker"):
-            async for batch in self._worker.render.remote(jobs):
+            async for batch in self._worker.render.remote(jobs, inputs):
                 yield batch
 
     async def _score(self, prompt: str, images: list[bytes]) -> list[float]:

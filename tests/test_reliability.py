@@ -16,6 +16,7 @@ from serve_app.faults import WorkerLost
 from serve_app.generation.pipeline import FluxGenerator, RenderedImage
 from serve_app.generation.planning import SamplingJob
 from serve_app.generation.scheduling import RenderScheduler
+from serve_app.inputs.pixels import RenderInputs
 from serve_app.schemas import GenerateRequest
 from serve_app.settings import ServiceSettings
 from serve_app.storage.local import LocalImageStore
@@ -46,14 +47,16 @@ class HeldRender:
         self.release = asyncio.Event()
         self.cancelled = False
 
-    async def __call__(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
+    async def __call__(
+        self, jobs: list[SamplingJob], inputs: RenderInputs
+    ) -> AsyncIterator[list[RenderedImage]]:
         self.started.set()
         try:
             await self.release.wait()
         except asyncio.CancelledError:
             self.cancelled = True
             raise
-        async for batch in self.scheduler.render(jobs):
+        async for batch in self.scheduler.render(jobs, inputs):
             yield batch
 
 
@@ -194,9 +197,11 @@ class LosesAWorker:
         self.losses = losses
         self.calls: list[list[int]] = []
 
-    async def __call__(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
+    async def __call__(
+        self, jobs: list[SamplingJob], inputs: RenderInputs
+    ) -> AsyncIterator[list[RenderedImage]]:
         self.calls.append([job.index for job in jobs])
-        async for batch in self.scheduler.render(jobs):
+        async for batch in self.scheduler.render(jobs, inputs):
             yield batch
             if self.losses:
                 self.losses -= 1

@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException
 
 from serve_app.api.auth import AuthenticationError
 from serve_app.faults import Overloaded, RequestTimedOut, WorkerLost
+from serve_app.inputs.errors import InputFetchFailed, InputRefused
 from serve_app.schemas import ErrorBody, ErrorEnvelope
 from serve_app.storage.base import StorageError
 
@@ -41,6 +42,12 @@ def envelope_for(error: Exception) -> tuple[int, ErrorEnvelope]:
     if isinstance(error, WorkerLost):
         body = ErrorBody(type="worker_lost", message=f"{error}; retries were exhausted")
         return 503, ErrorEnvelope(error=body)
+    if isinstance(error, InputRefused):
+        body = ErrorBody(type="invalid_request", message=str(error), param=error.param)
+        return 422, ErrorEnvelope(error=body)
+    if isinstance(error, InputFetchFailed):
+        body = ErrorBody(type="input_fetch_failed", message=str(error), param=error.param)
+        return 424, ErrorEnvelope(error=body)
     logger.exception("request failed", exc_info=error)
     body = ErrorBody(type="internal_error", message="image generation failed; see the server log")
     return 500, ErrorEnvelope(error=body)
@@ -85,6 +92,13 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     # Known failures get their own handler: the catch-all below would also re-raise them.
-    for known in (StorageError, Overloaded, RequestTimedOut, WorkerLost):
+    for known in (
+        StorageError,
+        Overloaded,
+        RequestTimedOut,
+        WorkerLost,
+        InputRefused,
+        InputFetchFailed,
+    ):
         app.add_exception_handler(known, _mapped_error)
     app.add_exception_handler(Exception, _mapped_error)

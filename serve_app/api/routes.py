@@ -20,6 +20,7 @@ from serve_app.api.errors import envelope_for, error_response, install_error_han
 from serve_app.api.middleware import BodySizeLimitMiddleware, OutcomeMiddleware, RequestIdMiddleware
 from serve_app.api.playground import playground_page
 from serve_app.faults import RequestTimedOut
+from serve_app.inputs.fitting import RequestInputs
 from serve_app.schemas import (
     ErrorEnvelope,
     GeneratedImage,
@@ -65,13 +66,14 @@ async def event_stream(
     request_id: str,
     base_url: str,
     slot: Slot,
+    inputs: RequestInputs | None = None,
 ) -> AsyncIterator[str]:
     """``image`` events as images are stored, then ``result`` (or ``error``) with the answer."""
     started = time.perf_counter()
     images: list[GeneratedImage] = []
     try:
         async with deadline(service.settings.request_timeout_s):
-            async for image in service.images(request, request_id, base_url):
+            async for image in service.images(request, request_id, base_url, inputs):
                 images.append(image)
                 yield server_sent_event("image", image)
     except Exception as error:  # noqa: BLE001 - headers are sent: the error must go in the stream
@@ -95,6 +97,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         "description": "The request is invalid; error.param names the field.",
     },
     413: {"model": ErrorEnvelope, "description": "The request body is too large."},
+    424: {
+        "model": ErrorEnvelope,
+        "description": "An input image URL could not be fetched (timed out, unreachable, not a "
+        "2xx); error.param names the field.",
+    },
     503: {
         "model": ErrorEnvelope,
         "description": "Overloaded (see Retry-After), storage failed, or workers were lost.",
@@ -144,9 +151,15 @@ def create_app(
         base_url = str(request.base_url)
         logger.debug("request %s: prompt %r", request_id, body.prompt)
         slot = admission.admit()
+        try:
+            # Before any answer: a bad or unreachable input is a 4xx, for a stream too.
+            inputs = await service.read_inputs(body)
+        except BaseException:
+            slot.release()
+            raise
         if body.stream:
             return StreamingResponse(
-                event_stream(service, body, request_id, base_url, slot),
+                event_stream(service, body, request_id, base_url, slot, inputs),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
                 # Also frees the slot of a stream the client left before it began.
@@ -154,7 +167,7 @@ def create_app(
             )
         try:
             async with deadline(settings.request_timeout_s):
-                return await service.generate(body, request_id, base_url, started)
+                return await service.generate(body, request_id, base_url, started, inputs)
         finally:
             slot.release()
 

@@ -65,17 +65,17 @@ class RenderInputs(BaseModel):
         """The input image of a job; KeyError when the call did not carry it."""
         return self._sized(self.images, params.image_digest, params)
 
-    def mask_for(self, params: SamplingParams) -> FittedImage | None:
-        """The mask of an inpainting job, None for other jobs."""
-        if params.mask_digest is None:
-            return None
+    def mask_for(self, params: SamplingParams) -> FittedImage:
+        """The mask of an inpainting job; KeyError when the call did not carry it."""
         return self._sized(self.masks, params.mask_digest, params)
 
     @staticmethod
     def _sized(
         found: dict[str, FittedImage], digest: str | None, params: SamplingParams
     ) -> FittedImage:
-        fitted = found[str(digest)]
+        if digest is None:
+            raise KeyError(f"a {params.mode} job names no such input")
+        fitted = found[digest]
         if (fitted.width, fitted.height) != (params.width, params.height):
             raise ValueError(
                 f"input {digest} is {fitted.width}x{fitted.height}, the job "
