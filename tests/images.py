@@ -37,5 +37,5 @@ def gradient(width: int, height: int, *, turned: bool = False) -> Image.Image:
     y = np.linspace(0, 255, height)[:, None, None]
     rgb = np.concatenate([x + 0 * y, y + 0 * x, (x + y) / 2], axis=2)
     if turned:
-        rgb = 255 - rgb[::-1, ::-1]
+        rgb = rgb[::-1, :, [2, 0, 1]]
     return Image.fromarray(rgb.astype(np.uint8), "RGB")
