@@ -1,5 +1,5 @@
 """Failures the request flow tells apart: a lost worker is retried, overload and timeouts are
-answered at once."""
+answered at once, a parameter that can't be served is the client's to fix."""
 
 from __future__ import annotations
 
@@ -14,3 +14,11 @@ class Overloaded(RuntimeError):
 
 class RequestTimedOut(RuntimeError):
     """The request took longer than its deadline; its work was cancelled."""
+
+
+class InvalidParameter(ValueError):
+    """A request field that passed the schema but can't be served; a 422 naming ``param``."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param

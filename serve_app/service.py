@@ -37,8 +37,9 @@ ScoreImages = Callable[[str, list[bytes]], Awaitable[list[float]]]
 
 
 @dataclass(frozen=True)
-class _Destination:
-    """Where a request's images go: under its id, with a per-request nonce."""
+class Destination:
+    """Where a request's images go: under its id, with a nonce of its own (fresh for every
+    request; fixed for a job, so that a second run of it writes the same keys)."""
 
     request_id: str
     attempt: str
@@ -87,9 +88,23 @@ class GenerationService:
         ``inputs`` are the request's read inputs, where the caller has read them already.
         """
         inputs = inputs or await self.read_inputs(request)
-        jobs = plan_jobs(request, self.settings, inputs)
+        destination = Destination(request_id, uuid.uuid4().hex[:12], base_url)
+        async for image in self.make_images(
+            plan_jobs(request, self.settings, inputs), request, destination, inputs
+        ):
+            yield image
+
+    async def make_images(
+        self,
+        jobs: list[SamplingJob],
+        request: GenerateRequest,
+        destination: Destination,
+        inputs: RequestInputs | None,
+    ) -> AsyncIterator[GeneratedImage]:
+        """Make, score and store the images of ``jobs`` (some or all of ``request``'s plan, from
+        its read ``inputs``), yielding each as soon as it is stored; with top_k, only the K
+        best, best first."""
         carried = inputs.render_inputs() if inputs else RenderInputs()
-        destination = _Destination(request_id, uuid.uuid4().hex[:12], base_url)
         if request.top_k is None:
             async for batch in self._rendered(jobs, request.gpus, carried):
                 scored = await self._scored(request.prompt, batch)
@@ -188,7 +203,7 @@ class GenerationService:
         return [_Scored(rendered, score) for rendered, score in zip(batch, scores, strict=True)]
 
     async def _store_all(
-        self, items: list[_Scored], destination: _Destination
+        self, items: list[_Scored], destination: Destination
     ) -> list[GeneratedImage]:
         """Store concurrently, off the event loop; fail if any image could not be stored."""
         results = await asyncio.gather(
@@ -212,7 +227,7 @@ class GenerationService:
             )
         return [result for result in results if isinstance(result, GeneratedImage)]
 
-    async def _store(self, item: _Scored, destination: _Destination) -> GeneratedImage:
+    async def _store(self, item: _Scored, destination: Destination) -> GeneratedImage:
         job = item.rendered.job
         extension = job.image_format
         key = image_key(destination.request_id, destination.attempt, job.index, extension)

@@ -20,7 +20,7 @@ SHARED_MODULES = {
     "faults.py",
     "telemetry.py",
 }
-CONCERNS = {"api", "client", "generation", "inputs", "models", "storage"}
+CONCERNS = {"api", "client", "generation", "inputs", "jobs", "models", "storage"}
 
 
 def imported_modules(path: Path) -> set[str]:

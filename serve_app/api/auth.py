@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
 from typing import Annotated
@@ -34,3 +35,17 @@ def api_key_guard(keys: list[SecretStr]) -> Callable[[str | None], Awaitable[Non
             raise AuthenticationError("a valid API key is required: Authorization: Bearer <key>")
 
     return require_api_key
+
+
+def key_owner(keys: list[SecretStr]) -> Callable[[str | None], Awaitable[str]]:
+    """A FastAPI dependency that names who made a request, to keep their jobs apart: a digest
+    of its API key (never the key), or '' for everyone while API keys are off. Use it behind
+    ``api_key_guard``, which has checked the key."""
+
+    async def owner(authorization: Annotated[str | None, Header()] = None) -> str:
+        if not keys:
+            return ""
+        token = (authorization or "").partition(" ")[2].strip()
+        return hashlib.sha256(token.encode()).hexdigest()[:32]
+
+    return owner

@@ -10,8 +10,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from serve_app.api.auth import AuthenticationError
-from serve_app.faults import Overloaded, RequestTimedOut, WorkerLost
-from serve_app.inputs.errors import InputFetchFailed, InputRefused
+from serve_app.faults import InvalidParameter, Overloaded, RequestTimedOut, WorkerLost
+from serve_app.inputs.errors import InputFetchFailed
+from serve_app.jobs.store import IdempotencyConflict, JobFinished, JobNotFound, JobStoreUnavailable
 from serve_app.schemas import ErrorBody, ErrorEnvelope
 from serve_app.storage.base import StorageError
 
@@ -42,12 +43,18 @@ def envelope_for(error: Exception) -> tuple[int, ErrorEnvelope]:
     if isinstance(error, WorkerLost):
         body = ErrorBody(type="worker_lost", message=f"{error}; retries were exhausted")
         return 503, ErrorEnvelope(error=body)
-    if isinstance(error, InputRefused):
-        body = ErrorBody(type="invalid_request", message=str(error), param=error.param)
-        return 422, ErrorEnvelope(error=body)
     if isinstance(error, InputFetchFailed):
         body = ErrorBody(type="input_fetch_failed", message=str(error), param=error.param)
         return 424, ErrorEnvelope(error=body)
+    if isinstance(error, JobStoreUnavailable):
+        return 503, ErrorEnvelope(error=ErrorBody(type="broker_unavailable", message=str(error)))
+    if isinstance(error, InvalidParameter):
+        body = ErrorBody(type="invalid_request", message=str(error), param=error.param)
+        return 422, ErrorEnvelope(error=body)
+    if isinstance(error, JobNotFound):
+        return 404, ErrorEnvelope(error=ErrorBody(type="not_found", message=str(error)))
+    if isinstance(error, IdempotencyConflict | JobFinished):
+        return 409, ErrorEnvelope(error=ErrorBody(type="conflict", message=str(error)))
     logger.exception("request failed", exc_info=error)
     body = ErrorBody(type="internal_error", message="image generation failed; see the server log")
     return 500, ErrorEnvelope(error=body)
@@ -97,8 +104,12 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         Overloaded,
         RequestTimedOut,
         WorkerLost,
-        InputRefused,
         InputFetchFailed,
+        JobStoreUnavailable,
+        InvalidParameter,
+        JobNotFound,
+        IdempotencyConflict,
+        JobFinished,
     ):
         app.add_exception_handler(known, _mapped_error)
     app.add_exception_handler(Exception, _mapped_error)

@@ -17,10 +17,12 @@ from starlette.background import BackgroundTask
 from serve_app.api.admission import Admission, Slot
 from serve_app.api.auth import api_key_guard
 from serve_app.api.errors import envelope_for, error_response, install_error_handlers
+from serve_app.api.jobs import JobBackend, jobs_router
 from serve_app.api.middleware import BodySizeLimitMiddleware, OutcomeMiddleware, RequestIdMiddleware
 from serve_app.api.playground import playground_page
 from serve_app.faults import RequestTimedOut
 from serve_app.inputs.fitting import RequestInputs
+from serve_app.jobs.store import JobStoreUnavailable
 from serve_app.schemas import (
     ErrorEnvelope,
     GeneratedImage,
@@ -111,10 +113,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def create_app(
-    service: GenerationService, readiness: CheckReadiness, *, echo_request_id: bool = True
+    service: GenerationService,
+    readiness: CheckReadiness,
+    *,
+    echo_request_id: bool = True,
+    jobs: JobBackend | None = None,
 ) -> FastAPI:
     """The FastAPI application of the ingress; ``echo_request_id`` puts X-Request-Id on every
-    response (leave it to a proxy that does so already)."""
+    response (leave it to a proxy that does so already); with ``jobs``, ``/jobs`` too."""
     app = FastAPI(
         title="flux-serve",
         summary="Text to images with FLUX.1, ranked and stored.",
@@ -171,13 +177,24 @@ def create_app(
         finally:
             slot.release()
 
+    if jobs is not None:
+        client_errors: dict[int | str, dict[str, Any]] = {
+            code: _ERRORS[code] for code in (400, 401, 413, 422)
+        }
+        router = jobs_router(jobs, settings, service.telemetry, client_errors)
+        app.include_router(router, dependencies=authenticated)
+
     @app.get("/healthz", response_model=Readiness, responses={503: {"model": Readiness}})
     async def healthz() -> JSONResponse:
-        """Whether every part of the application is up, storage included."""
+        """Whether every part of the application is up, storage and the job broker included."""
         try:
             await asyncio.to_thread(service.store.check)
+            if jobs is not None:
+                await jobs.store.check()
         except StorageError as error:
             state = Readiness(ready=False, detail=f"storage: {error}")
+        except JobStoreUnavailable as error:
+            state = Readiness(ready=False, detail=f"jobs: {error}")
         else:
             state = await readiness()
         return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)

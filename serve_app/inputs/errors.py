@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+from serve_app.faults import InvalidParameter
 
-class InputRefused(ValueError):
+
+class InputRefused(InvalidParameter):
     """An input that can't be used as sent: ``param`` names the request field."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 class InputFetchFailed(RuntimeError):
