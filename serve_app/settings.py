@@ -288,14 +288,14 @@ class ServiceSettings(BaseSettings):
         """Longest data: URL of an input image: base64 of max_input_image_bytes, and a header."""
         return _DATA_URL_HEADER_CHARS + 4 * -(-self.max_input_image_bytes // 3)
 
-    @field_validator("api_keys", "image_url_hosts", mode="before")
+    @field_validator("api_keys", mode="before")
     @classmethod
-    def _split_commas(cls, value: object) -> object:
+    def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
-    @field_validator("webhook_allowed_hosts", mode="before")
+    @field_validator("webhook_allowed_hosts", "image_url_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
