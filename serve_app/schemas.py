@@ -26,7 +26,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError
 
 from serve_app.generation.samplers import supported_samplers
-from serve_app.settings import get_settings
+from serve_app.settings import ImageFormat, get_settings
 
 _limits = get_settings()
 MAX_SEED = 2**32 - 1
@@ -66,6 +66,18 @@ CfgScale = Annotated[float, Field(ge=1.0, le=_limits.max_cfg_scale)]
 ImageSide = Annotated[
     int, Field(ge=_limits.min_size, le=_limits.max_size, multiple_of=16), _INTEGRAL
 ]
+Prompt = Annotated[
+    str,
+    StringConstraints(
+        strip_whitespace=True,
+        min_length=1,
+        max_length=_limits.max_prompt_chars,
+        pattern=r"\S",  # not blank: what stripping and min_length mean, said in the schema
+    ),
+]
+ImageCount = Annotated[int, Field(ge=1, le=_limits.max_images), _INTEGRAL]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED), _INTEGRAL]
+ImageQuality = Annotated[int, Field(ge=0, le=100), _INTEGRAL]
 # What the pattern admits is read in serve_app/inputs/, which names the field for what it refuses.
 InputImageSource = Annotated[
     str, StringConstraints(max_length=_limits.max_data_url_chars, pattern=r"^(data:|https://)")
@@ -168,16 +180,8 @@ class GenerateRequest(_NullMeansDefault):
         },
     )
 
-    prompt: Annotated[
-        str,
-        StringConstraints(
-            strip_whitespace=True,
-            min_length=1,
-            max_length=_limits.max_prompt_chars,
-            pattern=r"\S",  # not blank: what stripping and min_length mean, said in the schema
-        ),
-    ] = Field(description="What to draw.", examples=["a red cat"])
-    nof_images: Annotated[int, Field(ge=1, le=_limits.max_images), _INTEGRAL] = Field(
+    prompt: Prompt = Field(description="What to draw.", examples=["a red cat"])
+    nof_images: ImageCount = Field(
         min(16, _limits.max_images),
         description="How many images to make.",
         examples=[16],
@@ -196,7 +200,19 @@ class GenerateRequest(_NullMeansDefault):
         description="Answer with server-sent events: one per image as soon as it is stored, then "
         "the full response.",
     )
-    top_k: Annotated[int, Field(ge=1, le=_limits.max_images), _INTEGRAL] | None = Field(
+    image_format: ImageFormat | None = Field(
+        None,
+        description="Encoding of the stored images: png, jpeg or webp. Unset: the deployment's "
+        "(FLUX_SERVE_IMAGE_FORMAT).",
+        examples=["webp"],
+    )
+    image_quality: ImageQuality | None = Field(
+        None,
+        description="Quality of JPEG and WebP images, 0 (smallest) to 100 (best); PNG is "
+        "lossless and ignores it. Unset: the deployment's (FLUX_SERVE_IMAGE_QUALITY).",
+        examples=[90],
+    )
+    top_k: ImageCount | None = Field(
         None,
         description="Return only the K best images by score, best first (at most nof_images).",
         examples=[4],
@@ -233,7 +249,7 @@ class GenerateRequest(_NullMeansDefault):
         max_length=_limits.max_prompt_chars,
         description="What to steer away from; used where cfg_scale runs true guidance.",
     )
-    base_seed: Annotated[int, Field(ge=0, le=MAX_SEED), _INTEGRAL] | None = Field(
+    base_seed: Seed | None = Field(
         None,
         description="Seed of 'fixed' and 'mix' seeding. Unset: 0.",
         examples=[0],

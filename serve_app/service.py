@@ -47,7 +47,9 @@ class Destination:
 
 
 @dataclass(frozen=True)
-class _Scored:
+class ScoredImage:
+    """A finished image and how well it matches its prompt, not yet stored."""
+
     rendered: RenderedImage
     score: float
 
@@ -104,20 +106,30 @@ class GenerationService:
         """Make, score and store the images of ``jobs`` (some or all of ``request``'s plan, from
         its read ``inputs``), yielding each as soon as it is stored; with top_k, only the K
         best, best first."""
+        async for final in self.scored_images(jobs, request, inputs):
+            for image in await self._store_all(final, destination):
+                yield image
+
+    async def scored_images(
+        self,
+        jobs: list[SamplingJob],
+        request: GenerateRequest,
+        inputs: RequestInputs | None = None,
+    ) -> AsyncIterator[list[ScoredImage]]:
+        """Yield the images of ``jobs`` (from the request's read ``inputs``) that are final,
+        unstored: each batch as soon as it is scored; with top_k, once all are scored, only the
+        K best, best first."""
         carried = inputs.render_inputs() if inputs else RenderInputs()
         if request.top_k is None:
             async for batch in self._rendered(jobs, request.gpus, carried):
-                scored = await self._scored(request.prompt, batch)
-                for image in await self._store_all(scored, destination):
-                    yield image
+                yield await self._scored(request.prompt, batch)
             return
         # Rank first, so that only the K images returned are ever stored.
-        ranked: list[_Scored] = []
+        ranked: list[ScoredImage] = []
         async for batch in self._rendered(jobs, request.gpus, carried):
             ranked.extend(await self._scored(request.prompt, batch))
         ranked.sort(key=lambda item: (-item.score, item.rendered.job.index))
-        for image in await self._store_all(ranked[: request.top_k], destination):
-            yield image
+        yield ranked[: request.top_k]
 
     async def generate(
         self,
@@ -187,7 +199,7 @@ class GenerationService:
             # Wait for the cancellations to land, so no work outlives its request.
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _scored(self, prompt: str, batch: list[RenderedImage]) -> list[_Scored]:
+    async def _scored(self, prompt: str, batch: list[RenderedImage]) -> list[ScoredImage]:
         started = time.perf_counter()
         images = [rendered.data for rendered in batch]
         for attempt in itertools.count():
@@ -200,10 +212,10 @@ class GenerationService:
                 logger.warning("scorer lost, retrying: %s", error)
                 await asyncio.sleep(self.settings.retry_backoff_s * 2**attempt)
         self.telemetry.stage_seconds("scoring", time.perf_counter() - started)
-        return [_Scored(rendered, score) for rendered, score in zip(batch, scores, strict=True)]
+        return [ScoredImage(rendered, score) for rendered, score in zip(batch, scores, strict=True)]
 
     async def _store_all(
-        self, items: list[_Scored], destination: Destination
+        self, items: list[ScoredImage], destination: Destination
     ) -> list[GeneratedImage]:
         """Store concurrently, off the event loop; fail if any image could not be stored."""
         results = await asyncio.gather(
@@ -227,7 +239,7 @@ class GenerationService:
             )
         return [result for result in results if isinstance(result, GeneratedImage)]
 
-    async def _store(self, item: _Scored, destination: Destination) -> GeneratedImage:
+    async def _store(self, item: ScoredImage, destination: Destination) -> GeneratedImage:
         job = item.rendered.job
         extension = job.image_format
         key = image_key(destination.request_id, destination.attempt, job.index, extension)

@@ -75,6 +75,13 @@ class ServiceSettings(BaseSettings):
         description="Run one small generation when a replica starts (with compile_mode, also "
         "one batch of the default size, which compiles it).",
     )
+    served_model_name: str | None = Field(
+        None,
+        min_length=1,
+        description="Model id of the OpenAI-compatible API: what clients pass as `model` and "
+        "GET /v1/models lists. Unset: `model` as given (a hub id such as "
+        "black-forest-labs/FLUX.1-schnell, or 'tiny'), or the name of a local folder.",
+    )
 
     # Lossless speed-ups (serve_app/generation/speedups.py); bench/ measures each.
     fuse_qkv: bool = Field(
@@ -287,6 +294,16 @@ class ServiceSettings(BaseSettings):
     def max_data_url_chars(self) -> int:
         """Longest data: URL of an input image: base64 of max_input_image_bytes, and a header."""
         return _DATA_URL_HEADER_CHARS + 4 * -(-self.max_input_image_bytes // 3)
+
+    @property
+    def served_model(self) -> str:
+        """The model id clients of the OpenAI-compatible API name."""
+        if self.served_model_name:
+            return self.served_model_name
+        # A hub id is "owner/name"; a folder given by its path is known by its name.
+        if self.model.startswith(("/", ".", "~")):
+            return Path(self.model).name
+        return self.model
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -6,7 +6,8 @@ from serve_app.faults import Overloaded
 
 
 class Slot:
-    """One admitted request's place; releasing it twice is harmless."""
+    """One admitted request's place; releasing it twice is harmless. As a context manager, it is
+    released when the block ends."""
 
     def __init__(self, admission: Admission) -> None:
         self._admission = admission
@@ -16,6 +17,12 @@ class Slot:
         if self._held:
             self._held = False
             self._admission.active -= 1
+
+    def __enter__(self) -> Slot:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
 
 
 class Admission:

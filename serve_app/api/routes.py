@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,15 +15,20 @@ from starlette.background import BackgroundTask
 
 from serve_app.api.admission import Admission, Slot
 from serve_app.api.auth import api_key_guard
-from serve_app.api.errors import envelope_for, error_response, install_error_handlers
+from serve_app.api.errors import (
+    documented_errors,
+    envelope_for,
+    error_response,
+    install_error_handlers,
+)
 from serve_app.api.jobs import JobBackend, jobs_router
 from serve_app.api.middleware import BodySizeLimitMiddleware, OutcomeMiddleware, RequestIdMiddleware
+from serve_app.api.openai.router import IMAGE_PATHS, openai_router
 from serve_app.api.playground import playground_page
-from serve_app.faults import RequestTimedOut
+from serve_app.faults import deadline
 from serve_app.inputs.fitting import RequestInputs
 from serve_app.jobs.store import JobStoreUnavailable
 from serve_app.schemas import (
-    ErrorEnvelope,
     GeneratedImage,
     GenerateRequest,
     GenerateResponse,
@@ -45,21 +49,6 @@ CheckReadiness = Callable[[], Awaitable[Readiness]]
 def server_sent_event(event: str, payload: BaseModel) -> str:
     """One SSE frame."""
     return f"event: {event}\ndata: {payload.model_dump_json()}\n\n"
-
-
-@contextlib.asynccontextmanager
-async def deadline(seconds: float) -> AsyncIterator[None]:
-    """Cancel the work inside after ``seconds`` and raise RequestTimedOut."""
-    timeout = asyncio.timeout(seconds)
-    try:
-        async with timeout:
-            yield
-    except TimeoutError as error:
-        if not timeout.expired():
-            raise
-        raise RequestTimedOut(
-            f"the request took longer than {seconds:g} s; its work was cancelled"
-        ) from error
 
 
 async def event_stream(
@@ -91,25 +80,7 @@ async def event_stream(
     yield server_sent_event("result", build_response(request, request_id, images, started))
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorEnvelope, "description": "The body could not be read as UTF-8 JSON."},
-    401: {"model": ErrorEnvelope, "description": "API keys are on and none valid was sent."},
-    422: {
-        "model": ErrorEnvelope,
-        "description": "The request is invalid; error.param names the field.",
-    },
-    413: {"model": ErrorEnvelope, "description": "The request body is too large."},
-    424: {
-        "model": ErrorEnvelope,
-        "description": "An input image URL could not be fetched (timed out, unreachable, not a "
-        "2xx); error.param names the field.",
-    },
-    503: {
-        "model": ErrorEnvelope,
-        "description": "Overloaded (see Retry-After), storage failed, or workers were lost.",
-    },
-    504: {"model": ErrorEnvelope, "description": "The request passed its deadline."},
-}
+_ERRORS = documented_errors(openai=False)
 
 
 def create_app(
@@ -130,7 +101,9 @@ def create_app(
     install_error_handlers(app, settings.retry_after_s)
     # The last one added runs first: ids for every answer, the size limit before any parsing.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(OutcomeMiddleware, telemetry=service.telemetry, path="/generate")
+    app.add_middleware(
+        OutcomeMiddleware, telemetry=service.telemetry, paths={"/generate", *IMAGE_PATHS}
+    )
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
     authenticated = [Depends(api_key_guard(settings.api_keys))]
     admission = Admission(settings.max_concurrent_requests)
@@ -177,9 +150,10 @@ def create_app(
         finally:
             slot.release()
 
+    app.include_router(openai_router(service, admission, authenticated))
     if jobs is not None:
         client_errors: dict[int | str, dict[str, Any]] = {
-            code: _ERRORS[code] for code in (400, 401, 413, 422)
+            code: _ERRORS[code] for code in (400, 401, 413, 422, 424)
         }
         router = jobs_router(jobs, settings, service.telemetry, client_errors)
         app.include_router(router, dependencies=authenticated)

@@ -186,7 +186,7 @@ class FluxGenerator:
         return [
             RenderedImage(
                 job=job,
-                data=codec.encode(image, job.image_format, self.settings.image_quality),
+                data=codec.encode(image, job.image_format, job.image_quality),
             )
             for job, image in zip(batch, images, strict=True)
         ]

@@ -24,6 +24,7 @@ class SamplingJob(BaseModel):
     negative_prompt: str | None
     params: SamplingParams
     image_format: ImageFormat = "png"
+    image_quality: int = 95
 
     def batch_key(self) -> tuple[object, ...]:
         """Jobs with equal keys can share one pipeline call, whichever request they come from:
@@ -98,7 +99,12 @@ def plan_jobs(
                 prompt=request.prompt,
                 negative_prompt=request.negative_prompt,
                 params=params,
-                image_format=settings.image_format,
+                image_format=request.image_format or settings.image_format,
+                image_quality=(
+                    settings.image_quality
+                    if request.image_quality is None
+                    else request.image_quality
+                ),
             )
         )
     return jobs
