@@ -14,23 +14,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.cluster import ServiceSetup, running_service
+from bench.cluster import ServiceSetup, private_redis, running_service
 from bench.service_timing import ServiceError, load_round
 from bench.stats import median
 from bench.workload import Workload
-from deployments.local_cluster import free_port
-from deployments.local_redis import server_command, wait_until_up
 from serve_app.models.tiny import TINY_CLIP_NAME, TINY_FLUX_NAME, ensure_tiny_model
 from serve_app.settings import get_settings
 
@@ -153,31 +148,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = ensure_tiny_model(TINY_FLUX_NAME, cache_dir)
     ensure_tiny_model(TINY_CLIP_NAME, cache_dir)
     workload = Workload(prompt="a red cat", images=args.images, size=args.size, steps=4)
-    with tempfile.TemporaryDirectory(prefix="flux-bench-redis-") as folder:
-        port = free_port()
-        redis = subprocess.Popen(server_command(Path(folder), port, daemonize=False))
-        try:
-            wait_until_up(port, Path(folder) / "redis.log")
-            setup = ServiceSetup(
-                model=model,
-                cache_dir=cache_dir,
-                size=args.size,
-                max_batch_size=4,
-                ray_cpus=8,
-                gpus=0,
-                redis_url=f"redis://127.0.0.1:{port}/0",
+    with private_redis() as redis_url:
+        setup = ServiceSetup(
+            model=model,
+            cache_dir=cache_dir,
+            size=args.size,
+            max_batch_size=4,
+            ray_cpus=8,
+            gpus=0,
+            redis_url=redis_url,
+        )
+        with running_service(setup) as service:
+            generate_rate, jobs_rate, first = _measure(
+                service.url, workload, args.jobs, args.repeats
             )
-            with running_service(setup) as service:
-                generate_rate, jobs_rate, first = _measure(
-                    service.url, workload, args.jobs, args.repeats
-                )
-            cold = None
-            if not args.no_cold_start:
-                with running_service(replace(setup, worker_min_replicas=0)) as service:
-                    cold = _cold_start(service.url, workload)
-        finally:
-            redis.terminate()
-            redis.wait(timeout=30)
+        cold = None
+        if not args.no_cold_start:
+            with running_service(replace(setup, worker_min_replicas=0)) as service:
+                cold = _cold_start(service.url, workload)
     print(to_text(JobsFigures(args.jobs, generate_rate, jobs_rate, first, cold)))
     return 0
 

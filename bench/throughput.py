@@ -12,8 +12,9 @@
    again, on workers that give each request batches of its own;
 4. the raw pipeline at its best batch size making the workload from an input image (at
    --image-strength) and from the prompt alone, in turns: images/s of each and their ratio;
-5. with --speedups, the raw pipeline with each speed-up setting alone and all together: the
-   latency of one image, images/s, and how far the images move from the plain pipeline's.
+5. with --speedups, the raw pipeline with each speed-up setting alone and all together, then
+   with each quantization mode on top (int8 weight-only; fp8 where the GPU has it): the latency
+   of one image, images/s, and how far the images move from the plain pipeline's.
 
 Every measurement makes the same images: one request's jobs, with the service's default seeds.
 A preset this machine can't hold (full, on a CPU) runs at its reduced size instead.
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bench.cluster import RunningService, ServiceSetup, running_service
+from bench.cluster import RunningService, ServiceSetup, private_redis, running_service
 from bench.image_timing import measure_image_inputs
 from bench.pipeline_timing import measure_pipeline
 from bench.presets import PRESETS, ensure_preset, runnable_preset
@@ -39,6 +40,7 @@ from bench.report import Results, SharingFigures, best_batch_size, to_markdown, 
 from bench.service_timing import ServiceFigures, measure_service
 from bench.speedup_timing import SpeedupTimer, measure_speedups
 from bench.workload import Workload
+from serve_app.generation.quantization import fp8_problem
 from serve_app.models.sources import select_device, select_dtype
 from serve_app.models.tiny import TINY_CLIP_NAME, ensure_tiny_model
 from serve_app.settings import ServiceSettings, get_settings
@@ -188,16 +190,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return figures
 
-    with running_service(setup) as service:
-        figures = measure_service(
-            service, workload, args.concurrency, args.repeats, args.requests_per_client
-        )
-        shared = small_requests(service) if args.small_requests else None
     sharing = None
-    if shared is not None:
-        logger.info("service again, each request in batches of its own")
-        with running_service(replace(setup, batch_across_requests=False)) as service:
-            sharing = SharingFigures(args.small_requests, shared, small_requests(service))
+    with private_redis() as redis_url:
+        setup = replace(setup, redis_url=redis_url)
+        with running_service(setup) as service:
+            figures = measure_service(
+                service, workload, args.concurrency, args.repeats, args.requests_per_client
+            )
+            shared = small_requests(service) if args.small_requests else None
+        if shared is not None:
+            logger.info("service again, each request in batches of its own")
+            with running_service(replace(setup, batch_across_requests=False)) as service:
+                sharing = SharingFigures(args.small_requests, shared, small_requests(service))
     speedups = []
     if args.speedups:
         cuda = device.type == "cuda"
@@ -205,8 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if backends is None:
             backends = ["_native_flash", "_native_cudnn"] if cuda else []
         compile_mode = args.compile_mode or ("max-autotune" if cuda else "default")
+        quantize_modes = ["int8_weight_only"] + ([] if fp8_problem(device) else ["fp8"])
         timer = SpeedupTimer(settings, workload, best, args.repeats)
-        speedups = measure_speedups(timer, backends, compile_mode)
+        speedups = measure_speedups(timer, backends, compile_mode, quantize_modes)
     results = Results(
         preset=preset.name,
         preset_description=preset.description,

@@ -6,6 +6,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 
+import torch
 from ray import serve
 
 from deployments.telemetry import RayTelemetry
@@ -48,9 +49,12 @@ class FluxWorker:
         await asyncio.to_thread(self.generator.check)
 
     def placement(self) -> dict[str, str]:
-        """Which accelerator this replica was given and which device it computes on."""
+        """Which accelerator this replica was given, which device it computes on, and with how
+        many torch threads."""
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             "device": str(self.generator.device),
+            "torch_threads": str(torch.get_num_threads()),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         }

@@ -102,6 +102,37 @@ class ServiceSettings(BaseSettings):
         "image size or batch size compiles once more.",
     )
 
+    # Performance (serve_app/generation/threads.py, prompts.py, quantization.py)
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Threads torch computes on in a FluxWorker replica. Unset: on a CPU, every "
+        "core this process may use (Ray would give a replica of num_cpus 0.5 one thread); on a "
+        "GPU, torch's own choice.",
+    )
+    prompt_cache_size: int = Field(
+        32,
+        ge=0,
+        le=4096,
+        description="Prompt embeddings a FluxWorker keeps (least recently used go first), so "
+        "that the batches of a request, and later requests with the same prompt, run the text "
+        "encoders once per text; 0: every batch encodes its distinct texts again.",
+    )
+    compile_scope: Literal["whole", "blocks"] = Field(
+        "whole",
+        description="What compile_mode compiles of the transformer: 'whole' (one graph) or "
+        "'blocks' (each of its repeated blocks, diffusers' regional compilation: a fraction of "
+        "the compile time, nearly the same speed).",
+    )
+    quantize: Literal["none", "int8_weight_only", "fp8"] = Field(
+        "none",
+        description="Quantize the transformer's linear layers with torchao after loading, "
+        "before compiling (lossy: images move a little; bench/ reports how far): "
+        "'int8_weight_only' (any device), 'fp8' (float8 weights and activations, on a GPU of "
+        "compute capability 8.9 or newer: L4, L40S, H100, H200).",
+    )
+
     # Reliability
     request_timeout_s: float = Field(
         300, gt=0, description="Deadline of one request; past it the answer is a 504."

@@ -11,8 +11,11 @@ from pydantic import BaseModel, ConfigDict
 
 from serve_app.generation.modes import ModePipelines, input_arguments, keep_unmasked
 from serve_app.generation.planning import SamplingJob
+from serve_app.generation.prompts import PromptEncoder
+from serve_app.generation.quantization import quantize_transformer, quiet_torchao_import
 from serve_app.generation.samplers import make_scheduler
-from serve_app.generation.speedups import apply_speedups
+from serve_app.generation.speedups import apply_speedups, compile_pipeline
+from serve_app.generation.threads import apply_torch_threads
 from serve_app.inputs.pixels import RenderInputs
 from serve_app.models.sources import (
     quiet_progress_bars,
@@ -44,21 +47,32 @@ class RenderedImage(BaseModel):
 class FluxGenerator:
     """A loaded FLUX pipeline that turns batches of sampling jobs into images."""
 
-    def __init__(self, settings: ServiceSettings) -> None:
+    def __init__(self, settings: ServiceSettings, pipeline: Any | None = None) -> None:
+        """Load ``settings.model``, or take ``pipeline``, a FluxPipeline already on the device
+        in its dtype (the GPU benchmark builds one with random weights in place)."""
+        quiet_torchao_import()
         from diffusers import FluxPipeline
 
         quiet_progress_bars()
         self.settings = settings
         self.device = select_device(settings)
         self.dtype = select_dtype(settings, self.device)
-        source = resolve_source(settings.model, TINY_FLUX_NAME, settings.cache_dir)
-        logger.info("loading FLUX pipeline from %s on %s as %s", source, self.device, self.dtype)
-        self.pipeline = FluxPipeline.from_pretrained(source, dtype=self.dtype).to(self.device)
+        apply_torch_threads(settings, self.device)
+        if pipeline is None:
+            source = resolve_source(settings.model, TINY_FLUX_NAME, settings.cache_dir)
+            logger.info(
+                "loading FLUX pipeline from %s on %s as %s", source, self.device, self.dtype
+            )
+            pipeline = FluxPipeline.from_pretrained(source, dtype=self.dtype).to(self.device)
+        self.pipeline = pipeline
         self.pipeline.set_progress_bar_config(disable=True)
         self._scheduler_config = dict(self.pipeline.scheduler.config)
         # Guidance-distilled models (dev) take the scale as an input; schnell needs true CFG.
         self.guidance_distilled = bool(self.pipeline.transformer.config.guidance_embeds)
         apply_speedups(self.pipeline, settings)
+        quantize_transformer(self.pipeline, settings, self.device)
+        compile_pipeline(self.pipeline, settings)
+        self.prompts = PromptEncoder(self.pipeline, settings.prompt_cache_size)
         # After the speed-ups, which change the shared components in place.
         self.modes = ModePipelines(self.pipeline)
         # One pipeline, one scheduler slot: calls from several threads must take turns.
@@ -115,24 +129,28 @@ class FluxGenerator:
     def pipeline_arguments(
         self, batch: list[SamplingJob], inputs: RenderInputs | None = None
     ) -> dict[str, Any]:
-        """The pipeline call that makes exactly the images ``batch`` names, from ``inputs``."""
+        """The pipeline call that makes exactly the images ``batch`` names, from ``inputs``;
+        the caller holds the lock (it runs the text encoders for prompts not encoded recently)."""
         first = batch[0]
         params = first.params
+        true_cfg = not self.guidance_distilled and params.cfg_scale > 1.0
         arguments: dict[str, Any] = {
-            "prompt": [job.prompt for job in batch],
+            **self.prompts.arguments(
+                [job.prompt for job in batch],
+                [job.negative_prompt or "" for job in batch] if true_cfg else None,
+                self.settings.native.max_sequence_length,
+            ),
             "num_inference_steps": params.steps,
             "width": params.width,
             "height": params.height,
-            "max_sequence_length": self.settings.native.max_sequence_length,
             # CPU generators give the same noise on every device, so a seed means the same image.
             "generator": [torch.Generator("cpu").manual_seed(job.params.seed) for job in batch],
             "output_type": "pil",
         }
         if self.guidance_distilled:
             arguments["guidance_scale"] = params.cfg_scale
-        elif params.cfg_scale > 1.0:
+        elif true_cfg:
             arguments["true_cfg_scale"] = params.cfg_scale
-            arguments["negative_prompt"] = [job.negative_prompt or "" for job in batch]
         arguments.update(input_arguments(batch, inputs or RenderInputs()))
         return arguments
 
@@ -173,9 +191,9 @@ class FluxGenerator:
         if len(keys) != 1:
             raise ValueError(f"a batch must share one batch key, got {len(keys)}")
         inputs = inputs or RenderInputs()
-        arguments = self.pipeline_arguments(batch, inputs)
         params = batch[0].params
         with self._lock:
+            arguments = self.pipeline_arguments(batch, inputs)
             images: list[Any] = self._run(params.sampler, arguments, cancelled, params.mode)
         if cancelled is not None and cancelled.is_set():
             raise RenderCancelled(f"cancelled batch of {len(batch)} images")
