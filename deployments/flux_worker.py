@@ -13,6 +13,7 @@ from deployments.telemetry import RayTelemetry
 from serve_app.generation.pipeline import FluxGenerator, RenderedImage
 from serve_app.generation.planning import SamplingJob
 from serve_app.generation.scheduling import RenderScheduler
+from serve_app.inputs.pixels import RenderInputs
 from serve_app.settings import get_settings
 
 
@@ -35,9 +36,12 @@ class FluxWorker:
             telemetry=RayTelemetry(),
         )
 
-    async def render(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
-        """Yield each group of images as soon as its batch is made."""
-        async for batch in self.scheduler.render(jobs):
+    async def render(
+        self, jobs: list[SamplingJob], inputs: RenderInputs | None = None
+    ) -> AsyncIterator[list[RenderedImage]]:
+        """Yield each group of images as soon as its batch is made; ``inputs`` carries the
+        input images the jobs name, once for the whole call."""
+        async for batch in self.scheduler.render(jobs, inputs):
             yield batch
 
     async def check_health(self) -> None:

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from serve_app.faults import WorkerLost
 from serve_app.generation.pipeline import RenderedImage
 from serve_app.generation.planning import SamplingJob, plan_jobs, shard
+from serve_app.inputs.fitting import RequestInputs
+from serve_app.inputs.pixels import RenderInputs
+from serve_app.inputs.reading import read_inputs
 from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse
 from serve_app.settings import ServiceSettings
 from serve_app.storage.base import ImageStore, StorageError, image_key
@@ -26,8 +29,9 @@ from serve_app.telemetry import NoTelemetry, Telemetry
 
 logger = logging.getLogger(__name__)
 
-RenderStream = Callable[[list[SamplingJob]], AsyncIterator[list[RenderedImage]]]
-"""Makes the images of some jobs, yielding each batch as soon as it is done."""
+RenderStream = Callable[[list[SamplingJob], RenderInputs], AsyncIterator[list[RenderedImage]]]
+"""Makes the images of some jobs from the input images they name, yielding each batch as soon as
+it is done."""
 
 ScoreImages = Callable[[str, list[bytes]], Awaitable[list[float]]]
 """Scores encoded images for a prompt."""
@@ -71,13 +75,28 @@ class GenerationService:
         self.store = store
         self.telemetry = telemetry or NoTelemetry()
 
+    async def read_inputs(self, request: GenerateRequest) -> RequestInputs | None:
+        """The request's input image and mask, fetched, checked and fitted: once per request.
+
+        Raises InputRefused (422) or InputFetchFailed (424); None for text-to-image.
+        """
+        return await read_inputs(request, self.settings)
+
     async def images(
-        self, request: GenerateRequest, request_id: str, base_url: str
+        self,
+        request: GenerateRequest,
+        request_id: str,
+        base_url: str,
+        inputs: RequestInputs | None = None,
     ) -> AsyncIterator[GeneratedImage]:
-        """Yield each image as soon as it is stored; with top_k, only the K best, best first."""
+        """Yield each image as soon as it is stored; with top_k, only the K best, best first.
+
+        ``inputs`` are the request's read inputs, where the caller has read them already.
+        """
+        inputs = inputs or await self.read_inputs(request)
         destination = Destination(request_id, uuid.uuid4().hex[:12], base_url)
         async for image in self.make_images(
-            plan_jobs(request, self.settings), request, destination
+            plan_jobs(request, self.settings, inputs), request, destination, inputs
         ):
             yield image
 
@@ -86,52 +105,64 @@ class GenerationService:
         jobs: list[SamplingJob],
         request: GenerateRequest,
         destination: Destination,
+        inputs: RequestInputs | None,
         on_stored: OnStored | None = None,
     ) -> AsyncIterator[GeneratedImage]:
-        """Make, score and store the images of ``jobs`` (some or all of ``request``'s plan),
-        yielding each as soon as it is stored; with top_k, only the K best, best first.
-        ``on_stored`` hears of every image stored, also of those a caller that stops in the
-        middle of a batch is no longer given."""
-        async for final in self.scored_images(jobs, request):
+        """Make, score and store the images of ``jobs`` (some or all of ``request``'s plan, from
+        its read ``inputs``), yielding each as soon as it is stored; with top_k, only the K
+        best, best first. ``on_stored`` hears of every image stored, also of those a caller
+        that stops in the middle of a batch is no longer given."""
+        async for final in self.scored_images(jobs, request, inputs):
             for image in await self._store_all(final, destination, on_stored):
                 yield image
 
     async def scored_images(
-        self, jobs: list[SamplingJob], request: GenerateRequest
+        self,
+        jobs: list[SamplingJob],
+        request: GenerateRequest,
+        inputs: RequestInputs | None = None,
     ) -> AsyncIterator[list[ScoredImage]]:
-        """Yield the images of ``jobs`` that are final, unstored: each batch as soon as it is
-        scored; with top_k, once all are scored, only the K best, best first."""
+        """Yield the images of ``jobs`` (from the request's read ``inputs``) that are final,
+        unstored: each batch as soon as it is scored; with top_k, once all are scored, only the
+        K best, best first."""
+        carried = inputs.render_inputs() if inputs else RenderInputs()
         if request.top_k is None:
-            async for batch in self._rendered(jobs, request.gpus):
+            async for batch in self._rendered(jobs, request.gpus, carried):
                 yield await self._scored(request.prompt, batch)
             return
         # Rank first, so that only the K images returned are ever stored.
         ranked: list[ScoredImage] = []
-        async for batch in self._rendered(jobs, request.gpus):
+        async for batch in self._rendered(jobs, request.gpus, carried):
             ranked.extend(await self._scored(request.prompt, batch))
         ranked.sort(key=lambda item: (-item.score, item.rendered.job.index))
         yield ranked[: request.top_k]
 
     async def generate(
-        self, request: GenerateRequest, request_id: str, base_url: str, started: float
+        self,
+        request: GenerateRequest,
+        request_id: str,
+        base_url: str,
+        started: float,
+        inputs: RequestInputs | None = None,
     ) -> GenerateResponse:
         """The whole response: in job order, or best first with top_k."""
-        images = [image async for image in self.images(request, request_id, base_url)]
+        images = [image async for image in self.images(request, request_id, base_url, inputs)]
         if request.top_k is None:
             images.sort(key=lambda image: image.index)
         return build_response(request, request_id, images, started)
 
     async def _rendered(
-        self, jobs: list[SamplingJob], gpus: int
+        self, jobs: list[SamplingJob], gpus: int, inputs: RenderInputs
     ) -> AsyncIterator[list[RenderedImage]]:
-        """Batches from up to ``gpus`` concurrent render streams, in order of completion."""
+        """Batches from up to ``gpus`` concurrent render streams, in order of completion; each
+        call carries the input images once, for all its jobs."""
         queue: asyncio.Queue[list[RenderedImage] | BaseException | None] = asyncio.Queue()
 
         async def pump(part: list[SamplingJob]) -> None:
             remaining = part
             for attempt in itertools.count():
                 try:
-                    async for batch in self._render(remaining):
+                    async for batch in self._render(remaining, inputs):
                         done = {rendered.job.index for rendered in batch}
                         remaining = [job for job in remaining if job.index not in done]
                         await queue.put(batch)

@@ -26,6 +26,7 @@ from serve_app.api.routes import create_app  # noqa: E402
 from serve_app.generation.pipeline import FluxGenerator, RenderedImage  # noqa: E402
 from serve_app.generation.planning import SamplingJob  # noqa: E402
 from serve_app.generation.scheduling import RenderScheduler  # noqa: E402
+from serve_app.inputs.pixels import RenderInputs  # noqa: E402
 from serve_app.models.scoring import ClipScorer  # noqa: E402
 from serve_app.service import GenerationService, RenderStream  # noqa: E402
 from serve_app.settings import ServiceSettings, get_settings  # noqa: E402
@@ -80,8 +81,8 @@ def make_service(scheduler: RenderScheduler, scorer: ClipScorer) -> MakeService:
     """The request flow on in-process models (the classes the deployments wrap), for any settings
     and store."""
 
-    def render(jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
-        return scheduler.render(jobs)
+    def render(jobs: list[SamplingJob], inputs: RenderInputs) -> AsyncIterator[list[RenderedImage]]:
+        return scheduler.render(jobs, inputs)
 
     async def score(prompt: str, images: list[bytes]) -> list[float]:
         return scorer.score(prompt, images)

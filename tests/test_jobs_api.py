@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -22,6 +23,7 @@ from serve_app.api.routes import create_app
 from serve_app.faults import WorkerLost
 from serve_app.generation.pipeline import RenderedImage
 from serve_app.generation.planning import SamplingJob
+from serve_app.inputs.pixels import RenderInputs
 from serve_app.jobs.runner import JobRunner
 from serve_app.jobs.store import JobStore
 from serve_app.jobs.webhooks import WebhookDelivery, deliver
@@ -30,6 +32,7 @@ from serve_app.settings import ServiceSettings
 from serve_app.storage.local import LocalImageStore
 
 from .conftest import WEBHOOK_SECRET, MakeService
+from .images import data_url, encode, gradient
 from .live_server import always_ready
 from .redis_server import RedisServer
 from .webhook_receiver import webhook_receiver
@@ -182,8 +185,10 @@ def counting(
     """``render`` that notes each job it makes, loses its worker after ``fail_after``, and calls
     ``after_batch`` with the count so far once each batch has been taken."""
 
-    async def render_counting(jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
-        async for batch in render(jobs):
+    async def render_counting(
+        jobs: list[SamplingJob], inputs: RenderInputs
+    ) -> AsyncIterator[list[RenderedImage]]:
+        async for batch in render(jobs, inputs):
             if fail_after is not None and len(rendered) >= fail_after:
                 raise WorkerLost("a FluxWorker replica was lost: test")
             rendered.extend(image.job.index for image in batch)
@@ -428,3 +433,26 @@ def test_the_client_and_the_command_submit_follow_and_cancel_a_job(
         assert main(["job", submitted, "--url", url]) == 0
         assert f'"id": "{submitted}"' in capsys.readouterr().out
         assert main(["submit", "x", "--webhook", "ftp://example.com", "--url", url]) == 2
+
+
+def test_a_job_makes_images_from_an_input_image(
+    jobs_client: TestClient,
+    jobs_settings: ServiceSettings,
+    make_service: MakeService,
+    store: LocalImageStore,
+) -> None:
+    picture = encode(gradient(64, 64))
+    body = {**SMALL, "nof_images": 2, "image": data_url(picture), "strength": 0.5}
+    refused = jobs_client.post("/jobs", json={**body, "image": data_url(b"not an image")})
+    assert refused.status_code == 422  # at submission, not as a failed job later
+    assert refused.json()["error"]["param"] == "image"
+    job_id = jobs_client.post("/jobs", json=body).json()["id"]
+    rendered: list[int] = []
+    asyncio.run(make_runner(jobs_settings, make_service, store, rendered).run(job_id))
+    job = jobs_client.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job
+    digest = "sha256:" + hashlib.sha256(picture).hexdigest()
+    assert {
+        (i["sampling_params"]["image_digest"], i["sampling_params"]["strength"])
+        for i in job["images"]
+    } == {(digest, 0.5)}

@@ -17,6 +17,7 @@ from serve_app.faults import WorkerLost
 from serve_app.generation.pipeline import FluxGenerator, RenderedImage
 from serve_app.generation.planning import SamplingJob, plan_jobs
 from serve_app.generation.scheduling import RenderScheduler
+from serve_app.inputs.pixels import RenderInputs
 from serve_app.schemas import GeneratedImage, GenerateRequest
 from serve_app.service import Destination
 from serve_app.settings import ServiceSettings
@@ -48,14 +49,16 @@ class HeldRender:
         self.release = asyncio.Event()
         self.cancelled = False
 
-    async def __call__(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
+    async def __call__(
+        self, jobs: list[SamplingJob], inputs: RenderInputs
+    ) -> AsyncIterator[list[RenderedImage]]:
         self.started.set()
         try:
             await self.release.wait()
         except asyncio.CancelledError:
             self.cancelled = True
             raise
-        async for batch in self.scheduler.render(jobs):
+        async for batch in self.scheduler.render(jobs, inputs):
             yield batch
 
 
@@ -191,7 +194,7 @@ def test_a_caller_that_stops_mid_batch_hears_of_every_image_stored(
 
     async def consume() -> None:
         jobs = plan_jobs(request, settings)
-        async for _ in service.make_images(jobs, request, destination, on_stored):
+        async for _ in service.make_images(jobs, request, destination, None, on_stored):
             pass
 
     async def scenario() -> None:
@@ -210,12 +213,14 @@ def test_a_caller_that_stops_mid_batch_hears_of_every_image_stored(
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-def test_an_oversized_body_is_a_413(client_app: FastAPI, chunked: bool) -> None:
-    body = b'{"prompt": "' + b"x" * 70_000 + b'"}'
+def test_an_oversized_body_is_a_413(
+    client_app: FastAPI, settings: ServiceSettings, chunked: bool
+) -> None:
+    body = b'{"prompt": "' + b"x" * settings.max_body_bytes + b'"}'
 
     async def chunks() -> AsyncIterator[bytes]:
-        for start in range(0, len(body), 8192):
-            yield body[start : start + 8192]
+        for start in range(0, len(body), 2**16):
+            yield body[start : start + 2**16]
 
     async def scenario(client: httpx.AsyncClient) -> None:
         content = chunks() if chunked else body
@@ -224,7 +229,7 @@ def test_an_oversized_body_is_a_413(client_app: FastAPI, chunked: bool) -> None:
         )
         assert response.status_code == 413
         assert response.json()["error"]["type"] in {"request_too_large", "http_error"}
-        assert "65536 bytes" in response.json()["error"]["message"]
+        assert f"{settings.max_body_bytes} bytes" in response.json()["error"]["message"]
 
     call(client_app, scenario)
 
@@ -244,9 +249,11 @@ class LosesAWorker:
         self.losses = losses
         self.calls: list[list[int]] = []
 
-    async def __call__(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
+    async def __call__(
+        self, jobs: list[SamplingJob], inputs: RenderInputs
+    ) -> AsyncIterator[list[RenderedImage]]:
         self.calls.append([job.index for job in jobs])
-        async for batch in self.scheduler.render(jobs):
+        async for batch in self.scheduler.render(jobs, inputs):
             yield batch
             if self.losses:
                 self.losses -= 1

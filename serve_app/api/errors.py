@@ -21,20 +21,13 @@ from starlette.types import Scope
 
 from serve_app.api.auth import AuthenticationError
 from serve_app.api.openai.protocol import API_PREFIX, OpenAIErrorBody, OpenAIErrorEnvelope
-from serve_app.faults import Overloaded, RequestTimedOut, WorkerLost
+from serve_app.faults import InvalidParameter, Overloaded, RequestTimedOut, WorkerLost
+from serve_app.inputs.errors import InputFetchFailed
 from serve_app.jobs.store import IdempotencyConflict, JobFinished, JobNotFound, JobStoreUnavailable
 from serve_app.schemas import ErrorBody, ErrorEnvelope
 from serve_app.storage.base import StorageError
 
 logger = logging.getLogger(__name__)
-
-
-class InvalidParameter(ValueError):
-    """A request field that passed the schema but can't be served; a 422 naming ``param``."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)
@@ -60,6 +53,8 @@ def problem_for(error: Exception) -> Problem:
         return Problem(503, "worker_lost", f"{error}; retries were exhausted")
     if isinstance(error, JobStoreUnavailable):
         return Problem(503, "broker_unavailable", str(error))
+    if isinstance(error, InputFetchFailed):
+        return Problem(424, "input_fetch_failed", str(error), error.param)
     if isinstance(error, InvalidParameter):
         return Problem(422, "invalid_request", str(error), error.param)
     if isinstance(error, JobNotFound):
@@ -99,8 +94,11 @@ def documented_errors(*, openai: bool) -> dict[int | str, dict[str, Any]]:
         503: "Overloaded (see Retry-After), storage failed, or workers were lost.",
         504: "The request passed its deadline.",
     }
+    fetch_failed = "An input image URL could not be fetched (timed out, unreachable, not a 2xx)."
     # Under /v1 every invalid request is a 400; listing 4XX also keeps FastAPI from adding a 422.
-    answers.update({"4XX": "Any other client error."} if openai else {422: invalid})
+    answers.update(
+        {"4XX": "Any other client error."} if openai else {422: invalid, 424: fetch_failed}
+    )
     envelope = OpenAIErrorEnvelope if openai else ErrorEnvelope
     return {status: {"model": envelope, "description": text} for status, text in answers.items()}
 
@@ -191,6 +189,7 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         Overloaded,
         RequestTimedOut,
         WorkerLost,
+        InputFetchFailed,
         JobStoreUnavailable,
         InvalidParameter,
         JobNotFound,

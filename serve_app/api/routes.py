@@ -26,6 +26,7 @@ from serve_app.api.middleware import BodySizeLimitMiddleware, OutcomeMiddleware,
 from serve_app.api.openai.router import IMAGE_PATHS, openai_router
 from serve_app.api.playground import playground_page
 from serve_app.faults import deadline
+from serve_app.inputs.fitting import RequestInputs
 from serve_app.jobs.store import JobStoreUnavailable
 from serve_app.schemas import (
     GeneratedImage,
@@ -56,13 +57,14 @@ async def event_stream(
     request_id: str,
     base_url: str,
     slot: Slot,
+    inputs: RequestInputs | None = None,
 ) -> AsyncIterator[str]:
     """``image`` events as images are stored, then ``result`` (or ``error``) with the answer."""
     started = time.perf_counter()
     images: list[GeneratedImage] = []
     try:
         async with deadline(service.settings.request_timeout_s):
-            async for image in service.images(request, request_id, base_url):
+            async for image in service.images(request, request_id, base_url, inputs):
                 images.append(image)
                 yield server_sent_event("image", image)
     except Exception as error:  # noqa: BLE001 - headers are sent: the error must go in the stream
@@ -128,9 +130,15 @@ def create_app(
         base_url = str(request.base_url)
         logger.debug("request %s: prompt %r", request_id, body.prompt)
         slot = admission.admit()
+        try:
+            # Before any answer: a bad or unreachable input is a 4xx, for a stream too.
+            inputs = await service.read_inputs(body)
+        except BaseException:
+            slot.release()
+            raise
         if body.stream:
             return StreamingResponse(
-                event_stream(service, body, request_id, base_url, slot),
+                event_stream(service, body, request_id, base_url, slot, inputs),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
                 # Also frees the slot of a stream the client left before it began.
@@ -138,14 +146,14 @@ def create_app(
             )
         try:
             async with deadline(settings.request_timeout_s):
-                return await service.generate(body, request_id, base_url, started)
+                return await service.generate(body, request_id, base_url, started, inputs)
         finally:
             slot.release()
 
     app.include_router(openai_router(service, admission, authenticated))
     if jobs is not None:
         client_errors: dict[int | str, dict[str, Any]] = {
-            code: _ERRORS[code] for code in (400, 401, 413, 422)
+            code: _ERRORS[code] for code in (400, 401, 413, 422, 424)
         }
         router = jobs_router(jobs, settings, service.telemetry, client_errors)
         app.include_router(router, dependencies=authenticated)

@@ -214,7 +214,9 @@ class JobRunner:
         self, record: JobRecord, request: GenerateRequest
     ) -> list[GeneratedImage]:
         """The job's images: those earlier runs stored, and the rest, made now."""
-        plan = await self.store.plan(record.job_id, plan_jobs(request, self.settings))
+        # Read again on every run: a job stores its request, not the fitted pixels.
+        inputs = await self.service.read_inputs(request)
+        plan = await self.store.plan(record.job_id, plan_jobs(request, self.settings, inputs))
         stored = await self.store.stored_images(record.job_id)
         if request.top_k is not None:
             # Ranked images are stored only at the end: unless all K were, rank them all again.
@@ -229,7 +231,7 @@ class JobRunner:
             made.append(image)
 
         if remaining:
-            images = self.service.make_images(remaining, request, destination, record_image)
+            images = self.service.make_images(remaining, request, destination, inputs, record_image)
             async for _ in images:
                 pass  # record_image has recorded each one as it was stored
         if request.top_k is not None:
