@@ -318,7 +318,7 @@ def test_a_job_whose_runs_keep_failing_is_failed_with_the_error(
 def never_ending(runners: list[JobRunner]) -> RenderStream:
     """A render call during which the replica starts stopping: the newest runner hands back."""
 
-    async def render(_: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
+    async def render(_: list[SamplingJob], __: RenderInputs) -> AsyncIterator[list[RenderedImage]]:
         runners[-1].hand_back()
         await asyncio.Event().wait()  # until the runner stops the run
         yield []
