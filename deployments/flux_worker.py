@@ -6,6 +6,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 
+import ray
 from ray import serve
 
 from deployments.telemetry import RayTelemetry
@@ -32,6 +33,7 @@ class FluxWorker:
             max_batch_size=settings.max_batch_size,
             across_calls=settings.batch_across_requests,
             telemetry=RayTelemetry(),
+            worker=serve.get_replica_context().replica_id.unique_id,
         )
 
     async def render(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
@@ -44,9 +46,10 @@ class FluxWorker:
         await asyncio.to_thread(self.generator.check)
 
     def placement(self) -> dict[str, str]:
-        """Which accelerator this replica was given and which device it computes on."""
+        """Which node and accelerator this replica was given and which device it computes on."""
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
+            "node_id": ray.get_runtime_context().get_node_id(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             "device": str(self.generator.device),
         }

@@ -31,6 +31,13 @@ RenderStream = Callable[[list[SamplingJob]], AsyncIterator[list[RenderedImage]]]
 ScoreImages = Callable[[str, list[bytes]], Awaitable[list[float]]]
 """Scores encoded images for a prompt."""
 
+Progress = Callable[[list[RenderedImage]], None]
+"""Told of each batch of a request's images as it comes back from a worker."""
+
+
+def _no_progress(_: list[RenderedImage]) -> None:
+    pass
+
 
 @dataclass(frozen=True)
 class _Destination:
@@ -65,36 +72,46 @@ class GenerationService:
         self.telemetry = telemetry or NoTelemetry()
 
     async def images(
-        self, request: GenerateRequest, request_id: str, base_url: str
+        self,
+        request: GenerateRequest,
+        request_id: str,
+        base_url: str,
+        progress: Progress = _no_progress,
     ) -> AsyncIterator[GeneratedImage]:
-        """Yield each image as soon as it is stored; with top_k, only the K best, best first."""
+        """Yield each image as soon as it is stored; with top_k, only the K best, best first.
+        ``progress`` hears of each batch as soon as a worker has made it."""
         jobs = plan_jobs(request, self.settings)
         destination = _Destination(request_id, uuid.uuid4().hex[:12], base_url)
         if request.top_k is None:
-            async for batch in self._rendered(jobs, request.gpus):
+            async for batch in self._rendered(jobs, request.gpus, progress):
                 scored = await self._scored(request.prompt, batch)
                 for image in await self._store_all(scored, destination):
                     yield image
             return
         # Rank first, so that only the K images returned are ever stored.
         ranked: list[_Scored] = []
-        async for batch in self._rendered(jobs, request.gpus):
+        async for batch in self._rendered(jobs, request.gpus, progress):
             ranked.extend(await self._scored(request.prompt, batch))
         ranked.sort(key=lambda item: (-item.score, item.rendered.job.index))
         for image in await self._store_all(ranked[: request.top_k], destination):
             yield image
 
     async def generate(
-        self, request: GenerateRequest, request_id: str, base_url: str, started: float
+        self,
+        request: GenerateRequest,
+        request_id: str,
+        base_url: str,
+        started: float,
+        progress: Progress = _no_progress,
     ) -> GenerateResponse:
         """The whole response: in job order, or best first with top_k."""
-        images = [image async for image in self.images(request, request_id, base_url)]
+        images = [image async for image in self.images(request, request_id, base_url, progress)]
         if request.top_k is None:
             images.sort(key=lambda image: image.index)
         return build_response(request, request_id, images, started)
 
     async def _rendered(
-        self, jobs: list[SamplingJob], gpus: int
+        self, jobs: list[SamplingJob], gpus: int, progress: Progress
     ) -> AsyncIterator[list[RenderedImage]]:
         """Batches from up to ``gpus`` concurrent render streams, in order of completion."""
         queue: asyncio.Queue[list[RenderedImage] | BaseException | None] = asyncio.Queue()
@@ -138,6 +155,7 @@ class GenerationService:
                 else:
                     outstanding -= len(item)
                     self.telemetry.jobs_in_flight(-len(item))
+                    progress(item)
                     yield item
         finally:
             self.telemetry.jobs_in_flight(-outstanding)

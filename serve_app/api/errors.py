@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from serve_app.api.auth import AuthenticationError
-from serve_app.faults import Overloaded, RequestTimedOut, WorkerLost
+from serve_app.faults import KeyAtCapacity, Overloaded, RequestTimedOut, WorkerLost
 from serve_app.schemas import ErrorBody, ErrorEnvelope
 from serve_app.storage.base import StorageError
 
@@ -34,6 +34,8 @@ def envelope_for(error: Exception) -> tuple[int, ErrorEnvelope]:
     if isinstance(error, StorageError):
         body = ErrorBody(type="storage_error", message=f"storing the images failed: {error}")
         return 503, ErrorEnvelope(error=body)
+    if isinstance(error, KeyAtCapacity):
+        return 429, ErrorEnvelope(error=ErrorBody(type="key_at_capacity", message=str(error)))
     if isinstance(error, Overloaded):
         return 503, ErrorEnvelope(error=ErrorBody(type="overloaded", message=str(error)))
     if isinstance(error, RequestTimedOut):
@@ -48,7 +50,7 @@ def envelope_for(error: Exception) -> tuple[int, ErrorEnvelope]:
 
 def retry_after(status: int, seconds: int) -> dict[str, str]:
     """The Retry-After header for answers that a later retry may fix."""
-    return {"Retry-After": str(seconds)} if status == 503 else {}
+    return {"Retry-After": str(seconds)} if status in (429, 503) else {}
 
 
 def _dotted(location: tuple[int | str, ...]) -> str:
@@ -74,7 +76,8 @@ async def _http_error(_: Request, error: Exception) -> JSONResponse:
 
 async def _mapped_error(request: Request, error: Exception) -> JSONResponse:
     status, envelope = envelope_for(error)
-    headers = retry_after(status, request.app.state.retry_after_s)
+    estimated = error.retry_after_s if isinstance(error, Overloaded) else None
+    headers = retry_after(status, estimated or request.app.state.retry_after_s)
     return JSONResponse(status_code=status, content=envelope.model_dump(), headers=headers)
 
 

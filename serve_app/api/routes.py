@@ -11,15 +11,17 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
-from serve_app.api.admission import Admission, Slot
+from serve_app.api.admission import Admission, Ticket
 from serve_app.api.auth import api_key_guard
 from serve_app.api.errors import envelope_for, error_response, install_error_handlers
 from serve_app.api.middleware import BodySizeLimitMiddleware, OutcomeMiddleware, RequestIdMiddleware
 from serve_app.api.playground import playground_page
 from serve_app.faults import RequestTimedOut
+from serve_app.generation.planning import plan_jobs
 from serve_app.schemas import (
     ErrorEnvelope,
     GeneratedImage,
@@ -64,14 +66,14 @@ async def event_stream(
     request: GenerateRequest,
     request_id: str,
     base_url: str,
-    slot: Slot,
+    ticket: Ticket,
 ) -> AsyncIterator[str]:
     """``image`` events as images are stored, then ``result`` (or ``error``) with the answer."""
     started = time.perf_counter()
     images: list[GeneratedImage] = []
     try:
         async with deadline(service.settings.request_timeout_s):
-            async for image in service.images(request, request_id, base_url):
+            async for image in service.images(request, request_id, base_url, ticket.progress):
                 images.append(image)
                 yield server_sent_event("image", image)
     except Exception as error:  # noqa: BLE001 - headers are sent: the error must go in the stream
@@ -80,7 +82,7 @@ async def event_stream(
         yield server_sent_event("error", envelope)
         return
     finally:
-        slot.release()
+        ticket.release()
     service.telemetry.request_finished("success")
     if request.top_k is None:
         images.sort(key=lambda image: image.index)
@@ -90,6 +92,10 @@ async def event_stream(
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorEnvelope, "description": "The body could not be read as UTF-8 JSON."},
     401: {"model": ErrorEnvelope, "description": "API keys are on and none valid was sent."},
+    429: {
+        "model": ErrorEnvelope,
+        "description": "The API key holds its whole share of the capacity (see Retry-After).",
+    },
     422: {
         "model": ErrorEnvelope,
         "description": "The request is invalid; error.param names the field.",
@@ -97,10 +103,19 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorEnvelope, "description": "The request body is too large."},
     503: {
         "model": ErrorEnvelope,
-        "description": "Overloaded (see Retry-After), storage failed, or workers were lost.",
+        "description": "Overloaded: the request could not finish within its deadline behind "
+        "the work admitted (see Retry-After); or storage failed, or workers were lost.",
     },
     504: {"model": ErrorEnvelope, "description": "The request passed its deadline."},
 }
+
+
+def _has_route(app: FastAPI, method: str, path: str) -> bool:
+    """Whether ``app`` answers ``method`` on ``path`` (routes may be added after create_app)."""
+    return any(
+        isinstance(route, APIRoute) and route.path == path and method in (route.methods or ())
+        for route in app.routes
+    )
 
 
 def create_app(
@@ -119,12 +134,12 @@ def create_app(
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(OutcomeMiddleware, telemetry=service.telemetry, path="/generate")
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
-    authenticated = [Depends(api_key_guard(settings.api_keys))]
-    admission = Admission(settings.max_concurrent_requests)
+    api_key = api_key_guard(settings.api_keys)
+    # On the app's state, where operators' tools and the tests can read the estimates.
+    admission = app.state.admission = Admission(settings)
 
     @app.post(
         "/generate",
-        dependencies=authenticated,
         response_model=GenerateResponse,
         responses={
             **_ERRORS,
@@ -136,27 +151,31 @@ def create_app(
         },
     )
     async def generate(
-        body: GenerateRequest, request: Request
+        body: GenerateRequest,
+        request: Request,
+        # A default rather than Annotated: the guard is local, and annotations here are strings.
+        key: str | None = Depends(api_key),
     ) -> GenerateResponse | StreamingResponse:
         """Generate, rank and store images for a prompt."""
         started = time.perf_counter()
         request_id: str = request.state.request_id
         base_url = str(request.base_url)
         logger.debug("request %s: prompt %r", request_id, body.prompt)
-        slot = admission.admit()
+        elsewhere = "POST /jobs" if _has_route(app, "POST", "/jobs") else None
+        ticket = admission.admit(plan_jobs(body, settings), key, elsewhere)
         if body.stream:
             return StreamingResponse(
-                event_stream(service, body, request_id, base_url, slot),
+                event_stream(service, body, request_id, base_url, ticket),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
-                # Also frees the slot of a stream the client left before it began.
-                background=BackgroundTask(slot.release),
+                # Also frees the ticket of a stream the client left before it began.
+                background=BackgroundTask(ticket.release),
             )
         try:
             async with deadline(settings.request_timeout_s):
-                return await service.generate(body, request_id, base_url, started)
+                return await service.generate(body, request_id, base_url, started, ticket.progress)
         finally:
-            slot.release()
+            ticket.release()
 
     @app.get("/healthz", response_model=Readiness, responses={503: {"model": Readiness}})
     async def healthz() -> JSONResponse:
