@@ -420,3 +420,31 @@ def test_a_request_may_fan_out_over_every_worker_replica_and_no_more(source: str
     env = app_env(config)
     autoscaling = deployment(config, "FluxWorker")["autoscaling_config"]
     assert int(env["FLUX_SERVE_MAX_GPUS_PER_REQUEST"]) == autoscaling["max_replicas"]
+
+
+def test_the_head_keeps_its_state_in_redis_with_the_password_from_the_secret(
+    rayservice: dict[str, Any],
+) -> None:
+    options = rayservice["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert options["redisAddress"] == f"{REDIS_SERVICE}:{REDIS_PORT}"
+    reference = options["redisPassword"]["valueFrom"]["secretKeyRef"]
+    secret = load_yaml(K8S / "secrets.example.yaml")
+    assert reference["name"] == secret["metadata"]["name"]
+    assert reference["key"] in secret["stringData"]
+
+
+REDIS_SERVICE, REDIS_PORT = "flux-serve-redis", 6379
+
+
+def test_the_redis_of_the_head_is_a_service_of_the_deployment() -> None:
+    services = [
+        document
+        for path in MANIFESTS
+        for document in yaml.safe_load_all(path.read_text())
+        if document and document["kind"] == "Service"
+        if document["metadata"]["name"] == REDIS_SERVICE
+    ]
+    if not services:
+        pytest.skip(f"no Service {REDIS_SERVICE} in k8s/ yet (the jobs queue's Redis adds it)")
+    (service,) = services
+    assert REDIS_PORT in [port["port"] for port in service["spec"]["ports"]]
