@@ -109,6 +109,9 @@ class ServeCluster:
     url: str
     storage_dir: Path
     metrics_url: str
+    config_path: Path
+    """The Serve config deployed; another `serve run` of it with more applications adds them."""
+    gcs_address: str
 
 
 def serve_config_for_tests(http_port: int, storage_dir: Path) -> dict[str, Any]:
@@ -158,6 +161,8 @@ def serve_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeClu
             url=url,
             storage_dir=work / "images",
             metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+            config_path=config_path,
+            gcs_address=context.address_info["gcs_address"],
         )
     finally:
         serve.shutdown()
