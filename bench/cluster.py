@@ -39,6 +39,10 @@ class ServiceSetup:
     gpus: int
     batch_across_requests: bool = True
     ready_timeout_s: float = 600.0
+    redis_url: str | None = None
+    """The jobs' Redis (FLUX_SERVE_REDIS_URL and FluxWorker's policy); None: as shipped."""
+    worker_min_replicas: int | None = None
+    """FluxWorker's min_replicas, starting there too (0: scale from zero); None: as shipped."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,16 @@ def serve_config(setup: ServiceSetup, http_port: int, storage_dir: Path) -> dict
             "FLUX_SERVE_STORAGE_DIR": str(storage_dir),
         }
     )
+    for deployment in application["deployments"]:
+        autoscaling = deployment.get("autoscaling_config") or {}
+        if setup.redis_url and "policy" in autoscaling:
+            autoscaling["policy"]["policy_kwargs"]["broker_url"] = setup.redis_url
+        if deployment["name"] == WORKER_DEPLOYMENT and setup.worker_min_replicas is not None:
+            autoscaling["min_replicas"] = autoscaling["initial_replicas"] = (
+                setup.worker_min_replicas
+            )
+    if setup.redis_url:
+        application["runtime_env"]["env_vars"]["FLUX_SERVE_REDIS_URL"] = setup.redis_url
     if setup.gpus:
         # As README.md's "Real weights" says: one GPU per worker, as many workers as GPUs.
         for deployment in application["deployments"]:

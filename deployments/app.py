@@ -1,4 +1,5 @@
-"""The application graph, Ingress -> FluxWorker and Scorer, as config/serve.yaml builds it."""
+"""The application graph, as config/serve.yaml builds it: Ingress -> FluxWorker and Scorer, and
+the task consumers JobRunner (-> FluxWorker and Scorer) and WebhookSender."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from ray.serve import Application
 
 from deployments.flux_worker import FluxWorker
 from deployments.ingress import Ingress
+from deployments.job_runner import JobRunner
 from deployments.scorer import Scorer
+from deployments.webhook_sender import WebhookSender
 from serve_app.settings import get_settings
 
 
@@ -21,4 +24,7 @@ def build_app(args: dict[str, Any]) -> Application:
         )
     get_settings()  # fail the deploy early on invalid settings
     # mypy does not apply class decorators, so it can't see what @serve.deployment adds.
-    return Ingress.bind(FluxWorker.bind(), Scorer.bind())  # type: ignore[attr-defined]
+    worker = FluxWorker.bind()  # type: ignore[attr-defined]
+    scorer = Scorer.bind()  # type: ignore[attr-defined]
+    consumers = [JobRunner.bind(worker, scorer), WebhookSender.bind()]  # type: ignore[attr-defined]
+    return Ingress.bind(worker, scorer, consumers)  # type: ignore[attr-defined]

@@ -40,8 +40,9 @@ def _no_progress(_: list[RenderedImage]) -> None:
 
 
 @dataclass(frozen=True)
-class _Destination:
-    """Where a request's images go: under its id, with a per-request nonce."""
+class Destination:
+    """Where a request's images go: under its id, with a nonce of its own (fresh for every
+    request; fixed for a job, so that a second run of it writes the same keys)."""
 
     request_id: str
     attempt: str
@@ -80,8 +81,21 @@ class GenerationService:
     ) -> AsyncIterator[GeneratedImage]:
         """Yield each image as soon as it is stored; with top_k, only the K best, best first.
         ``progress`` hears of each batch as soon as a worker has made it."""
-        jobs = plan_jobs(request, self.settings)
-        destination = _Destination(request_id, uuid.uuid4().hex[:12], base_url)
+        destination = Destination(request_id, uuid.uuid4().hex[:12], base_url)
+        async for image in self.make_images(
+            plan_jobs(request, self.settings), request, destination, progress
+        ):
+            yield image
+
+    async def make_images(
+        self,
+        jobs: list[SamplingJob],
+        request: GenerateRequest,
+        destination: Destination,
+        progress: Progress = _no_progress,
+    ) -> AsyncIterator[GeneratedImage]:
+        """Make, score and store the images of ``jobs`` (some or all of ``request``'s plan),
+        yielding each as soon as it is stored; with top_k, only the K best, best first."""
         if request.top_k is None:
             async for batch in self._rendered(jobs, request.gpus, progress):
                 scored = await self._scored(request.prompt, batch)
@@ -180,7 +194,7 @@ class GenerationService:
         return [_Scored(rendered, score) for rendered, score in zip(batch, scores, strict=True)]
 
     async def _store_all(
-        self, items: list[_Scored], destination: _Destination
+        self, items: list[_Scored], destination: Destination
     ) -> list[GeneratedImage]:
         """Store concurrently, off the event loop; fail if any image could not be stored."""
         results = await asyncio.gather(
@@ -204,7 +218,7 @@ class GenerationService:
             )
         return [result for result in results if isinstance(result, GeneratedImage)]
 
-    async def _store(self, item: _Scored, destination: _Destination) -> GeneratedImage:
+    async def _store(self, item: _Scored, destination: Destination) -> GeneratedImage:
         job = item.rendered.job
         extension = job.image_format
         key = image_key(destination.request_id, destination.attempt, job.index, extension)

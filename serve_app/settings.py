@@ -7,6 +7,8 @@ Each variable is the field name in upper case with the ``FLUX_SERVE_`` prefix.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -201,6 +203,68 @@ class ServiceSettings(BaseSettings):
         "stores that do not support conditional writes.",
     )
 
+    # Jobs (serve_app/jobs/): queued generation on Celery over Redis, with signed webhooks
+    redis_url: str = Field(
+        "redis://127.0.0.1:6380/0",
+        description="Redis that holds the job queue (Celery's broker and result store) and the "
+        "job records. Locally scripts/serve.sh starts one on port 6380 (6379 is Ray's).",
+    )
+    jobs_queue: str = Field(
+        "flux-serve-jobs",
+        min_length=1,
+        description="Celery queue of the jobs; FluxWorker's autoscaling policy watches it too.",
+    )
+    webhooks_queue: str = Field(
+        "flux-serve-webhooks", min_length=1, description="Celery queue of webhook deliveries."
+    )
+    jobs_max_attempts: int = Field(
+        5,
+        ge=1,
+        le=50,
+        description="Runs of a job that fail (workers lost for good, storage down) before the "
+        "job is failed; each new run skips the images already stored.",
+    )
+    jobs_lease_s: float = Field(
+        15,
+        gt=0,
+        description="A running job's claim on it, renewed every lease/5 seconds: when its runner "
+        "dies, another may take the job over this long after the last renewal.",
+    )
+    jobs_redelivery_s: int = Field(
+        120,
+        ge=2,
+        description="Celery's visibility timeout: a job whose runner died unseen (killed) is "
+        "delivered again this long after it was taken.",
+    )
+    jobs_retention_s: int = Field(
+        7 * 24 * 3600, ge=60, description="How long finished jobs can be read, in seconds."
+    )
+    idempotency_ttl_s: int = Field(
+        24 * 3600, ge=60, description="How long an Idempotency-Key names its job, in seconds."
+    )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Standard Webhooks signing secret, 'whsec_' and base64. Unset: jobs with a "
+        "webhook are refused (scripts/serve.sh makes one locally).",
+    )
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated hosts that webhooks may reach although they resolve to "
+        "loopback or private addresses.",
+    )
+    webhook_timeout_s: float = Field(
+        10, gt=0, le=120, description="Time a webhook receiver has to answer one delivery."
+    )
+    webhook_max_attempts: int = Field(
+        6, ge=1, le=20, description="Deliveries of one webhook before it is given up."
+    )
+    webhook_backoff_s: int = Field(
+        2,
+        ge=1,
+        description="Wait before the second delivery of a webhook; doubles each time (at most "
+        "60 s).",
+    )
+
     # Request defaults and limits (they appear in the OpenAPI schema)
     default_width: int = Field(1024, ge=16, multiple_of=16, description="Width when unset.")
     default_height: int = Field(1024, ge=16, multiple_of=16, description="Height when unset.")
@@ -226,6 +290,27 @@ class ServiceSettings(BaseSettings):
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [host.strip().lower() for host in value.split(",") if host.strip()]
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _standard_webhooks_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is None:
+            return None
+        value = secret.get_secret_value()
+        try:
+            valid = value.startswith("whsec_") and bool(base64.b64decode(value[6:], validate=True))
+        except binascii.Error:
+            valid = False
+        if not valid:
+            raise ValueError("webhook_secret must be 'whsec_' followed by base64 bytes")
+        return secret
 
     @model_validator(mode="after")
     def _s3_has_a_bucket(self) -> ServiceSettings:

@@ -9,6 +9,8 @@ from typing import Literal, Protocol
 
 Stage = Literal["generation", "scoring", "upload"]
 Outcome = Literal["success", "client_error", "server_error"]
+JobOutcome = Literal["succeeded", "failed", "cancelled"]
+DeliveryOutcome = Literal["delivered", "retrying", "failed", "refused"]
 
 
 def outcome_of(status_code: int) -> Outcome:
@@ -35,6 +37,18 @@ class Telemetry(Protocol):
     def jobs_in_flight(self, change: int) -> None:
         """Sampling jobs dispatched and not yet returned changed by ``change``."""
 
+    def job_finished(self, outcome: JobOutcome) -> None:
+        """A job (POST /jobs) ended."""
+
+    def job_started(self, queued_s: float) -> None:
+        """A job was taken up for its first run after waiting ``queued_s`` in the queue."""
+
+    def jobs_queued(self, depth: int) -> None:
+        """``depth`` jobs wait in the queue for a runner."""
+
+    def webhook_delivery(self, outcome: DeliveryOutcome) -> None:
+        """One attempt to deliver a webhook ended so."""
+
 
 class NoTelemetry:
     """Reports nowhere: for tools and tests that run the service outside a cluster."""
@@ -49,4 +63,16 @@ class NoTelemetry:
         pass
 
     def jobs_in_flight(self, change: int) -> None:
+        pass
+
+    def job_finished(self, outcome: JobOutcome) -> None:
+        pass
+
+    def job_started(self, queued_s: float) -> None:
+        pass
+
+    def jobs_queued(self, depth: int) -> None:
+        pass
+
+    def webhook_delivery(self, outcome: DeliveryOutcome) -> None:
         pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ from serve_app.storage.base import ImageStore  # noqa: E402
 from serve_app.storage.local import LocalImageStore  # noqa: E402
 
 from .live_server import always_ready, serve_over_http  # noqa: E402
+from .redis_server import RedisServer  # noqa: E402
+
+# Signs the webhooks of every application the tests start; the receiver verifies with it.
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"flux-serve tests' webhook secret!").decode()
 
 
 @pytest.fixture(scope="session")
@@ -109,23 +114,51 @@ class ServeCluster:
     url: str
     storage_dir: Path
     metrics_url: str
+    redis: RedisServer
     config_path: Path
-    """The Serve config deployed; another `serve run` of it with more applications adds them."""
     gcs_address: str
 
 
-def serve_config_for_tests(http_port: int, storage_dir: Path) -> dict[str, Any]:
-    """config/serve.yaml as shipped, with a free port and the test session's folders."""
+# Jobs whose runner was killed come back within seconds, not minutes.
+FAST_RECOVERY = {"FLUX_SERVE_JOBS_REDELIVERY_S": "6", "FLUX_SERVE_JOBS_LEASE_S": "3"}
+
+
+def serve_config_for_tests(http_port: int, storage_dir: Path, redis_url: str) -> dict[str, Any]:
+    """config/serve.yaml as shipped, with a free port, the test session's folders and Redis,
+    webhooks to 127.0.0.1 allowed, and fast recovery of jobs whose runner died."""
     config = yaml.safe_load((ROOT / "config" / "serve.yaml").read_text())
     config["http_options"]["port"] = http_port
-    env_vars = config["applications"][0]["runtime_env"]["env_vars"]
+    application = config["applications"][0]
+    env_vars = application["runtime_env"]["env_vars"]
     env_vars["FLUX_SERVE_STORAGE_DIR"] = str(storage_dir)
     env_vars["FLUX_SERVE_CACHE_DIR"] = os.environ["FLUX_SERVE_CACHE_DIR"]
+    env_vars["FLUX_SERVE_REDIS_URL"] = redis_url
+    env_vars["FLUX_SERVE_WEBHOOK_SECRET"] = WEBHOOK_SECRET
+    env_vars["FLUX_SERVE_WEBHOOK_ALLOWED_HOSTS"] = "127.0.0.1"
+    env_vars["FLUX_SERVE_WEBHOOK_BACKOFF_S"] = "1"
+    env_vars.update(FAST_RECOVERY)
+    for deployment in application["deployments"]:
+        policy = deployment.get("autoscaling_config", {}).get("policy")
+        if policy:
+            policy["policy_kwargs"]["broker_url"] = redis_url
     return config  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="session")
-def serve_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeCluster]:
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real Redis for the session (the jobs' broker, result store and records)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def serve_cluster(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer
+) -> Iterator[ServeCluster]:
     """One Ray instance for the whole session, with two logical GPUs, serving config/serve.yaml.
 
     The application is deployed with the real ``serve run`` command against this cluster.
@@ -140,7 +173,8 @@ def serve_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeClu
     work = tmp_path_factory.mktemp("serve")
     port = free_port()
     config_path = work / "serve.yaml"
-    config_path.write_text(yaml.safe_dump(serve_config_for_tests(port, work / "images")))
+    config = serve_config_for_tests(port, work / "images", redis_server.url)
+    config_path.write_text(yaml.safe_dump(config))
     metrics_port = free_port()
     # Custom metrics reach the export every second instead of every ten: tests poll less.
     os.environ["RAY_metrics_report_interval_ms"] = "1000"  # noqa: SIM112 - Ray spells it so
@@ -161,6 +195,7 @@ def serve_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeClu
             url=url,
             storage_dir=work / "images",
             metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+            redis=redis_server,
             config_path=config_path,
             gcs_address=context.address_info["gcs_address"],
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,18 +16,19 @@ from botocore.config import Config
 
 from deployments.local_cluster import free_port
 
+from .server_process import ServerProcess
+
 ACCESS_KEY = "flux-test-key"
 SECRET_KEY = "flux-test-secret"
 REGION = "us-east-1"
 
 
 @dataclass
-class SeaweedS3:
+class SeaweedS3(ServerProcess):
     """One ``weed mini`` process; it can be stopped and started again on the same data."""
 
     folder: Path
     port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint(self) -> str:
@@ -76,22 +76,6 @@ class SeaweedS3:
             except Exception:  # noqa: BLE001 - any failure means not up yet
                 time.sleep(0.2)
         raise TimeoutError(f"SeaweedFS did not start; see {self.folder / 'weed.log'}")
-
-    def kill(self) -> None:
-        """Stop at once, like a crashed server."""
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-            self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-            self.process = None
 
     def client(self, max_attempts: int = 3, **credentials: str) -> Any:
         return boto3.client(

@@ -13,11 +13,13 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from serve_app.api.admission import Admission, WorkerSpeeds
+from serve_app.api.jobs import JobBackend
 from serve_app.api.routes import create_app
 from serve_app.faults import KeyAtCapacity, Overloaded
 from serve_app.generation.cost import job_work, work_of
 from serve_app.generation.pipeline import RenderedImage
 from serve_app.generation.planning import SamplingJob, plan_jobs
+from serve_app.jobs.store import JobStore
 from serve_app.schemas import GenerateRequest
 from serve_app.settings import ServiceSettings
 from serve_app.storage.local import LocalImageStore
@@ -211,7 +213,7 @@ def slow_app(
     settings: ServiceSettings, make_service: MakeService, store: LocalImageStore
 ) -> FastAPI:
     """Workers assumed so slow that no 16-image request fits in the deadline."""
-    slow = settings.model_copy(update={"admission_prior_speed": 1e-4, "request_timeout_s": 60.0})
+    slow = settings.model_copy(update={"admission_prior_speed": 1e-4})
     return create_app(make_service(slow, store), always_ready)
 
 
@@ -229,12 +231,24 @@ def test_an_overloaded_request_gets_a_503_with_the_wait_and_no_work_is_done(
     assert not slow_app.state.admission.tickets
 
 
-def test_the_refusal_points_to_the_jobs_api_where_the_app_has_one(slow_app: FastAPI) -> None:
-    @slow_app.post("/jobs")
-    async def jobs() -> dict[str, str]:
-        return {}
+class NoQueue:
+    """Where the jobs of an app that only refuses requests would go: never used."""
 
-    with TestClient(slow_app) as client:
+    def submit(self, job_id: str, delay_s: float = 0) -> None:
+        raise AssertionError(f"job {job_id} queued in {delay_s} s")
+
+    def send_webhook(self, delivery: object) -> None:
+        raise AssertionError(f"webhook queued: {delivery}")
+
+
+def test_the_refusal_points_to_the_jobs_api_where_the_app_has_one(
+    settings: ServiceSettings, make_service: MakeService, store: LocalImageStore
+) -> None:
+    slow = settings.model_copy(update={"admission_prior_speed": 1e-4})
+    # Never contacted: the request is refused before anything reaches Redis.
+    unused = JobStore("redis://127.0.0.1:1/0", retention_s=60, idempotency_ttl_s=60)
+    app = create_app(make_service(slow, store), always_ready, jobs=JobBackend(unused, NoQueue()))
+    with TestClient(app) as client:
         response = client.post("/generate", json={"prompt": "a red cat"})
     assert response.status_code == 503
     assert response.json()["error"]["message"].endswith("or send it to POST /jobs")

@@ -12,6 +12,7 @@ import httpx
 import pytest
 import torch
 
+from bench import jobs as jobs_bench
 from bench import presets
 from bench.cluster import WORKER_DEPLOYMENT, ServiceSetup, serve_config
 from bench.report import (
@@ -348,3 +349,63 @@ def test_speedup_timer_times_the_service_generator_and_compares_pixels(
         assert figures.image_latency_s > 0
         assert figures.images_per_s > 0
         assert figures.warmup_s > 0
+
+
+def test_timed_job_polls_until_the_job_has_succeeded() -> None:
+    answers = iter(
+        [
+            httpx.Response(202, json={"id": "j1", "status": "queued"}),
+            httpx.Response(200, json={"status": "running", "progress": {"done": 0}}),
+            httpx.Response(200, json={"status": "running", "progress": {"done": 2}}),
+            httpx.Response(
+                200, json={"status": "succeeded", "progress": {"done": 4}, "images": [{}] * 4}
+            ),
+        ]
+    )
+    transport = httpx.MockTransport(lambda _: next(answers))
+
+    async def run() -> jobs_bench.JobTiming:
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+            return await jobs_bench.timed_job(client, WORKLOAD.request_body(stream=False))
+
+    timing = asyncio.run(run())
+    assert timing.images == 4
+    assert 0 < timing.first_image_s <= timing.latency_s
+
+
+def test_timed_job_fails_loudly_on_a_failed_job() -> None:
+    answers = iter(
+        [
+            httpx.Response(202, json={"id": "j1"}),
+            httpx.Response(200, json={"status": "failed", "progress": {"done": 0}, "error": {}}),
+        ]
+    )
+    transport = httpx.MockTransport(lambda _: next(answers))
+
+    async def run() -> None:
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+            await jobs_bench.timed_job(client, WORKLOAD.request_body(stream=False))
+
+    with pytest.raises(ServiceError, match="failed"):
+        asyncio.run(run())
+
+
+def test_serve_config_of_the_jobs_bench_points_at_its_redis_and_can_start_at_zero(
+    tmp_path: Path,
+) -> None:
+    zero = replace(setup(gpus=0), redis_url="redis://127.0.0.1:7001/0", worker_min_replicas=0)
+    config = serve_config(zero, 18123, tmp_path)
+    application = config["applications"][0]
+    assert application["runtime_env"]["env_vars"]["FLUX_SERVE_REDIS_URL"] == zero.redis_url
+    (worker,) = [d for d in application["deployments"] if d["name"] == WORKER_DEPLOYMENT]
+    autoscaling = worker["autoscaling_config"]
+    assert autoscaling["min_replicas"] == autoscaling["initial_replicas"] == 0
+    assert autoscaling["policy"]["policy_kwargs"]["broker_url"] == zero.redis_url
+
+
+def test_jobs_report_has_both_rates_the_ratio_and_the_cold_start() -> None:
+    figures = jobs_bench.JobsFigures(4, 10.0, 9.7, 0.4, 3.25)
+    text = jobs_bench.to_text(figures)
+    assert figures.ratio == pytest.approx(0.97)
+    assert "jobs / generate: 0.970 (target >= 0.95: met)" in text
+    assert "scale from zero, job submission to first image: 3.25 s" in text

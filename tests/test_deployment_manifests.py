@@ -14,6 +14,7 @@ import tomllib
 import typing
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import ray
@@ -38,7 +39,13 @@ RAYSERVICE_SCHEMA = ROOT.parent / "shared" / "schemas" / "rayservice_v1.strict.j
 # Every Kubernetes object of the deployment: one YAML document per file, so each is validated.
 MANIFESTS = sorted(path for path in K8S.glob("*.yaml") if path != OVERRIDES)
 # What only a Kubernetes Secret may hold: never in the Serve config.
-SECRET_ENV = {"FLUX_SERVE_API_KEYS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"}
+SECRET_ENV = {
+    "FLUX_SERVE_API_KEYS",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "HF_TOKEN",
+    "FLUX_SERVE_WEBHOOK_SECRET",
+}
 
 
 def load_yaml(path: Path) -> Any:
@@ -144,13 +151,17 @@ def serve_config() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def worker_group(rayservice: dict[str, Any]) -> dict[str, Any]:
     groups = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    assert len(groups) == 1, "one GPU worker group"
+    assert [group["groupName"] for group in groups] == ["gpu", "cpu"]
     return node_group(rayservice, "worker")
 
 
 def node_group(rayservice: dict[str, Any], node: str) -> dict[str, Any]:
+    """The head group, the GPU worker group ('worker') or the CPU one ('cpu')."""
     cluster = rayservice["spec"]["rayClusterConfig"]
-    return cluster["headGroupSpec"] if node == "head" else cluster["workerGroupSpecs"][0]
+    if node == "head":
+        return cluster["headGroupSpec"]  # type: ignore[no-any-return]
+    name = "cpu" if node == "cpu" else "gpu"
+    return next(group for group in cluster["workerGroupSpecs"] if group["groupName"] == name)
 
 
 def ray_container(group: dict[str, Any]) -> dict[str, Any]:
@@ -329,7 +340,7 @@ def test_old_cluster_outlives_requests_in_flight_after_an_upgrade(
     assert rayservice["spec"]["rayClusterDeletionDelaySeconds"] >= longest
 
 
-@pytest.mark.parametrize("node", ["head", "worker"])
+@pytest.mark.parametrize("node", ["head", "worker", "cpu"])
 def test_pods_expose_the_serve_and_metrics_ports(
     rayservice: dict[str, Any], serve_config: dict[str, Any], node: str
 ) -> None:
@@ -370,7 +381,8 @@ def test_ray_and_python_versions_agree_across_project_image_and_manifest(
 
 
 def test_head_and_workers_run_the_same_pinned_image(rayservice: dict[str, Any]) -> None:
-    images = {ray_container(node_group(rayservice, node))["image"] for node in ("head", "worker")}
+    nodes = ("head", "worker", "cpu")
+    images = {ray_container(node_group(rayservice, node))["image"] for node in nodes}
     assert len(images) == 1, f"head and workers run different images: {sorted(images)}"
     (image,) = images
     tag = re.fullmatch(r"[^\s:]+(?::\d+)?/[^\s:]+:([\w][\w.-]*)", image)
@@ -422,29 +434,55 @@ def test_a_request_may_fan_out_over_every_worker_replica_and_no_more(source: str
     assert int(env["FLUX_SERVE_MAX_GPUS_PER_REQUEST"]) == autoscaling["max_replicas"]
 
 
-def test_the_head_keeps_its_state_in_redis_with_the_password_from_the_secret(
-    rayservice: dict[str, Any],
+@pytest.mark.parametrize("source", SERVE_CONFIGS)
+def test_flux_worker_scales_on_the_jobs_queue_of_the_applications_redis(source: str) -> None:
+    config = SERVE_CONFIGS[source]()
+    env = app_env(config)
+    policy = deployment(config, "FluxWorker")["autoscaling_config"]["policy"]
+    assert policy["policy_function"].endswith(":AsyncInferenceAutoscalingPolicy")
+    assert policy["policy_kwargs"]["broker_url"] == env["FLUX_SERVE_REDIS_URL"]
+    assert policy["policy_kwargs"]["queue_name"] == env["FLUX_SERVE_JOBS_QUEUE"]
+
+
+def test_production_lets_the_gpu_workers_go_to_zero_and_keeps_the_rest_on_cpu(
+    rayservice: dict[str, Any], serve_config: dict[str, Any]
+) -> None:
+    worker = deployment(serve_config, "FluxWorker")
+    assert worker["autoscaling_config"]["min_replicas"] == 0
+    gpu, cpu = node_group(rayservice, "worker"), node_group(rayservice, "cpu")
+    assert gpu["minReplicas"] == 0
+    assert cpu["minReplicas"] >= 1
+    assert cpu["rayStartParams"]["num-gpus"] == "0"
+    for name in ("Ingress", "Scorer", "JobRunner", "WebhookSender"):
+        assert deployment(serve_config, name)["ray_actor_options"].get("num_gpus", 0) == 0, name
+    # The CPU pods run the ingress and the job runners: they need the same secrets.
+    assert ray_container(cpu)["env"] == ray_container(gpu)["env"]
+
+
+def test_production_redis_is_the_flux_serve_redis_service_of_its_statefulset(
+    serve_config: dict[str, Any],
+) -> None:
+    statefulset = load_yaml(K8S / "redis.yaml")
+    service = load_yaml(K8S / "redis-service.yaml")
+    assert (statefulset["kind"], service["kind"]) == ("StatefulSet", "Service")
+    assert service["metadata"]["name"] == statefulset["spec"]["serviceName"] == "flux-serve-redis"
+    pod = statefulset["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (container,) = pod["spec"]["containers"]
+    assert "--appendonly" in container["args"]
+    (template,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert {"name": template["metadata"]["name"], "mountPath": "/data"} in container["volumeMounts"]
+    (port,) = service["spec"]["ports"]
+    url = urlsplit(app_env(serve_config)["FLUX_SERVE_REDIS_URL"])
+    assert (url.hostname, url.port) == ("flux-serve-redis", port["port"])
+
+
+def test_the_head_keeps_its_state_in_the_redis_of_the_jobs(
+    rayservice: dict[str, Any], serve_config: dict[str, Any]
 ) -> None:
     options = rayservice["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
-    assert options["redisAddress"] == f"{REDIS_SERVICE}:{REDIS_PORT}"
-    reference = options["redisPassword"]["valueFrom"]["secretKeyRef"]
-    secret = load_yaml(K8S / "secrets.example.yaml")
-    assert reference["name"] == secret["metadata"]["name"]
-    assert reference["key"] in secret["stringData"]
-
-
-REDIS_SERVICE, REDIS_PORT = "flux-serve-redis", 6379
-
-
-def test_the_redis_of_the_head_is_a_service_of_the_deployment() -> None:
-    services = [
-        document
-        for path in MANIFESTS
-        for document in yaml.safe_load_all(path.read_text())
-        if document and document["kind"] == "Service"
-        if document["metadata"]["name"] == REDIS_SERVICE
-    ]
-    if not services:
-        pytest.skip(f"no Service {REDIS_SERVICE} in k8s/ yet (the jobs queue's Redis adds it)")
-    (service,) = services
-    assert REDIS_PORT in [port["port"] for port in service["spec"]["ports"]]
+    service = load_yaml(K8S / "redis-service.yaml")
+    (port,) = service["spec"]["ports"]
+    assert options["redisAddress"] == f"{service['metadata']['name']}:{port['port']}"
+    jobs = urlsplit(app_env(serve_config)["FLUX_SERVE_REDIS_URL"])
+    assert options["redisAddress"] == f"{jobs.hostname}:{jobs.port}"

@@ -22,6 +22,7 @@ from serve_app.client.events import read_events
 from .conftest import ROOT, serve_config_for_tests
 from .metrics import images_by_replica
 from .ray_nodes import RayCluster, ray_cluster, text_of
+from .redis_server import RedisServer
 
 pytestmark = pytest.mark.ray
 
@@ -38,10 +39,10 @@ class MultiNodeService:
     storage_dir: Path
 
 
-def multinode_config(http_port: int, storage_dir: Path) -> dict[str, Any]:
+def multinode_config(http_port: int, storage_dir: Path, redis_url: str) -> dict[str, Any]:
     """config/serve.yaml as shipped, with one GPU per FluxWorker replica as in production, both
-    replicas always up, and the ingress and scorer on the head."""
-    config = serve_config_for_tests(http_port, storage_dir)
+    replicas always up, and the other deployments on the head."""
+    config = serve_config_for_tests(http_port, storage_dir, redis_url)
     (application,) = config["applications"]
     env = application["runtime_env"]["env_vars"]
     # Retries must outlast the detection of a dead node (a few seconds here) before they find
@@ -58,7 +59,9 @@ def multinode_config(http_port: int, storage_dir: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def multinode(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiNodeService]:
+def multinode(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer
+) -> Iterator[MultiNodeService]:
     from serve_app.client.cli import build_tiny_models
     from serve_app.settings import get_settings
 
@@ -66,7 +69,9 @@ def multinode(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiNodeSer
     work = tmp_path_factory.mktemp("multinode")
     port = free_port()
     config_path = work / "serve.yaml"
-    config_path.write_text(yaml.safe_dump(multinode_config(port, work / "images")))
+    # A Redis database of its own: the session's cluster may have job consumers on the first.
+    config = multinode_config(port, work / "images", redis_server.database(1))
+    config_path.write_text(yaml.safe_dump(config))
     with ray_cluster(WORKER_NODES, HEAD_ONLY) as cluster:
         deploy(config_path, cluster.address, ROOT)
         url = f"http://127.0.0.1:{port}"

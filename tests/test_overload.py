@@ -46,6 +46,12 @@ def burst_url(
     env = burst["runtime_env"]["env_vars"]
     env["FLUX_SERVE_REQUEST_TIMEOUT_S"] = str(DEADLINE_S)
     env["FLUX_SERVE_STORAGE_DIR"] = str(work / "images")
+    # Its jobs (none here) in a Redis database of their own, apart from the session's.
+    env["FLUX_SERVE_REDIS_URL"] = serve_cluster.redis.database(2)
+    for deployment in burst["deployments"]:
+        policy = deployment.get("autoscaling_config", {}).get("policy")
+        if policy:
+            policy["policy_kwargs"]["broker_url"] = env["FLUX_SERVE_REDIS_URL"]
     config["applications"].append(burst)
     config_path = work / "serve.yaml"
     config_path.write_text(yaml.safe_dump(config))

@@ -41,11 +41,13 @@ def fault_app(
         "FLUX_SERVE_DEFAULT_HEIGHT": "128",
         # Long enough for Serve to replace a killed single Scorer replica.
         "FLUX_SERVE_MAX_RETRIES": "6",
+        "FLUX_SERVE_REDIS_URL": serve_cluster.redis.url,
     }
     options = {"num_cpus": 0.25, "num_gpus": 0, "runtime_env": {"env_vars": env}}
     app = Ingress.options(ray_actor_options=options).bind(
         FluxWorker.options(num_replicas=2, ray_actor_options=options).bind(),
         Scorer.options(ray_actor_options=options).bind(),
+        [],
     )
     serve.run(app, name="faults", route_prefix="/faults")
     try:
@@ -146,13 +148,14 @@ def test_a_request_that_finds_every_worker_busy_streams_before_they_finish(
     assert arrivals.index("late") < min(last.values()), arrivals
 
 
-def kill_a_replica(deployment: str) -> str:
+def kill_a_replica(deployment: str, application: str = "faults") -> str:
+    """Kill one replica of ``deployment`` for good; its name."""
     import ray
 
     names = sorted(
         actor["name"]
         for actor in ray.util.list_named_actors(all_namespaces=True)
-        if f"faults#{deployment}#" in actor["name"]
+        if f"{application}#{deployment}#" in actor["name"]
     )
     assert names, f"no {deployment} replica found"
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)

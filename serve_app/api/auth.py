@@ -15,33 +15,37 @@ class AuthenticationError(Exception):
     """The request carries no valid API key."""
 
 
-def key_id(key: bytes) -> str:
-    """A name for an API key that can be logged and compared, and reveals nothing of the key."""
-    return hashlib.sha256(key).hexdigest()[:12]
+def api_key_guard(keys: list[SecretStr]) -> Callable[[str | None], Awaitable[None]]:
+    """A FastAPI dependency that admits requests with a valid ``Authorization: Bearer`` key.
 
-
-def api_key_guard(keys: list[SecretStr]) -> Callable[[str | None], Awaitable[str | None]]:
-    """A FastAPI dependency that admits requests with a valid ``Authorization: Bearer`` key and
-    gives the key's ``key_id`` (for per-key fairness).
-
-    With no keys configured it admits everything and gives None (the local default).
+    With no keys configured it admits everything (the local default).
     """
-    secrets = [(key_id(secret), secret) for secret in (k.get_secret_value().encode() for k in keys)]
+    secrets = [key.get_secret_value().encode() for key in keys]
 
-    async def require_api_key(
-        authorization: Annotated[str | None, Header()] = None,
-    ) -> str | None:
+    async def require_api_key(authorization: Annotated[str | None, Header()] = None) -> None:
         if not secrets:
-            return None
+            return
         scheme, _, token = (authorization or "").partition(" ")
         presented = token.strip().encode()
         # Compare against every key, in constant time each, so timing tells nothing.
-        matched = None
-        for identity, secret in secrets:
-            if hmac.compare_digest(presented, secret):
-                matched = identity
-        if scheme.lower() != "bearer" or matched is None:
+        matched = False
+        for secret in secrets:
+            matched |= hmac.compare_digest(presented, secret)
+        if scheme.lower() != "bearer" or not matched:
             raise AuthenticationError("a valid API key is required: Authorization: Bearer <key>")
-        return matched
 
     return require_api_key
+
+
+def key_owner(keys: list[SecretStr]) -> Callable[[str | None], Awaitable[str]]:
+    """A FastAPI dependency that names who made a request, to keep their jobs apart: a digest
+    of its API key (never the key), or '' for everyone while API keys are off. Use it behind
+    ``api_key_guard``, which has checked the key."""
+
+    async def owner(authorization: Annotated[str | None, Header()] = None) -> str:
+        if not keys:
+            return ""
+        token = (authorization or "").partition(" ")[2].strip()
+        return hashlib.sha256(token.encode()).hexdigest()[:32]
+
+    return owner

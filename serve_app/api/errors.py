@@ -11,10 +11,19 @@ from starlette.exceptions import HTTPException
 
 from serve_app.api.auth import AuthenticationError
 from serve_app.faults import KeyAtCapacity, Overloaded, RequestTimedOut, WorkerLost
+from serve_app.jobs.store import IdempotencyConflict, JobFinished, JobNotFound, JobStoreUnavailable
 from serve_app.schemas import ErrorBody, ErrorEnvelope
 from serve_app.storage.base import StorageError
 
 logger = logging.getLogger(__name__)
+
+
+class InvalidParameter(ValueError):
+    """A request field that passed the schema but can't be served; a 422 naming ``param``."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def error_response(status: int, type_: str, message: str, param: str | None = None) -> JSONResponse:
@@ -43,6 +52,15 @@ def envelope_for(error: Exception) -> tuple[int, ErrorEnvelope]:
     if isinstance(error, WorkerLost):
         body = ErrorBody(type="worker_lost", message=f"{error}; retries were exhausted")
         return 503, ErrorEnvelope(error=body)
+    if isinstance(error, JobStoreUnavailable):
+        return 503, ErrorEnvelope(error=ErrorBody(type="broker_unavailable", message=str(error)))
+    if isinstance(error, InvalidParameter):
+        body = ErrorBody(type="invalid_request", message=str(error), param=error.param)
+        return 422, ErrorEnvelope(error=body)
+    if isinstance(error, JobNotFound):
+        return 404, ErrorEnvelope(error=ErrorBody(type="not_found", message=str(error)))
+    if isinstance(error, IdempotencyConflict | JobFinished):
+        return 409, ErrorEnvelope(error=ErrorBody(type="conflict", message=str(error)))
     logger.exception("request failed", exc_info=error)
     body = ErrorBody(type="internal_error", message="image generation failed; see the server log")
     return 500, ErrorEnvelope(error=body)
@@ -88,6 +106,16 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     # Known failures get their own handler: the catch-all below would also re-raise them.
-    for known in (StorageError, Overloaded, RequestTimedOut, WorkerLost):
+    for known in (
+        StorageError,
+        Overloaded,
+        RequestTimedOut,
+        WorkerLost,
+        JobStoreUnavailable,
+        InvalidParameter,
+        JobNotFound,
+        IdempotencyConflict,
+        JobFinished,
+    ):
         app.add_exception_handler(known, _mapped_error)
     app.add_exception_handler(Exception, _mapped_error)

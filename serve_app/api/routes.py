@@ -11,17 +11,18 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
 from serve_app.api.admission import Admission, Ticket
-from serve_app.api.auth import api_key_guard
+from serve_app.api.auth import api_key_guard, key_owner
 from serve_app.api.errors import envelope_for, error_response, install_error_handlers
+from serve_app.api.jobs import JobBackend, jobs_router
 from serve_app.api.middleware import BodySizeLimitMiddleware, OutcomeMiddleware, RequestIdMiddleware
 from serve_app.api.playground import playground_page
 from serve_app.faults import RequestTimedOut
 from serve_app.generation.planning import plan_jobs
+from serve_app.jobs.store import JobStoreUnavailable
 from serve_app.schemas import (
     ErrorEnvelope,
     GeneratedImage,
@@ -110,19 +111,15 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _has_route(app: FastAPI, method: str, path: str) -> bool:
-    """Whether ``app`` answers ``method`` on ``path`` (routes may be added after create_app)."""
-    return any(
-        isinstance(route, APIRoute) and route.path == path and method in (route.methods or ())
-        for route in app.routes
-    )
-
-
 def create_app(
-    service: GenerationService, readiness: CheckReadiness, *, echo_request_id: bool = True
+    service: GenerationService,
+    readiness: CheckReadiness,
+    *,
+    echo_request_id: bool = True,
+    jobs: JobBackend | None = None,
 ) -> FastAPI:
     """The FastAPI application of the ingress; ``echo_request_id`` puts X-Request-Id on every
-    response (leave it to a proxy that does so already)."""
+    response (leave it to a proxy that does so already); with ``jobs``, ``/jobs`` too."""
     app = FastAPI(
         title="flux-serve",
         summary="Text to images with FLUX.1, ranked and stored.",
@@ -134,12 +131,16 @@ def create_app(
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(OutcomeMiddleware, telemetry=service.telemetry, path="/generate")
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
-    api_key = api_key_guard(settings.api_keys)
+    authenticated = [Depends(api_key_guard(settings.api_keys))]
+    owner_of_key = Depends(key_owner(settings.api_keys))
     # On the app's state, where operators' tools and the tests can read the estimates.
     admission = app.state.admission = Admission(settings)
+    # Where a request refused for overload may go instead.
+    elsewhere = "POST /jobs" if jobs is not None else None
 
     @app.post(
         "/generate",
+        dependencies=authenticated,
         response_model=GenerateResponse,
         responses={
             **_ERRORS,
@@ -153,16 +154,15 @@ def create_app(
     async def generate(
         body: GenerateRequest,
         request: Request,
-        # A default rather than Annotated: the guard is local, and annotations here are strings.
-        key: str | None = Depends(api_key),
+        owner: str = owner_of_key,
     ) -> GenerateResponse | StreamingResponse:
         """Generate, rank and store images for a prompt."""
         started = time.perf_counter()
         request_id: str = request.state.request_id
         base_url = str(request.base_url)
         logger.debug("request %s: prompt %r", request_id, body.prompt)
-        elsewhere = "POST /jobs" if _has_route(app, "POST", "/jobs") else None
-        ticket = admission.admit(plan_jobs(body, settings), key, elsewhere)
+        # Per-key shares while API keys are on ('' is everyone while they are off).
+        ticket = admission.admit(plan_jobs(body, settings), owner or None, elsewhere)
         if body.stream:
             return StreamingResponse(
                 event_stream(service, body, request_id, base_url, ticket),
@@ -177,13 +177,24 @@ def create_app(
         finally:
             ticket.release()
 
+    if jobs is not None:
+        client_errors: dict[int | str, dict[str, Any]] = {
+            code: _ERRORS[code] for code in (400, 401, 413, 422)
+        }
+        router = jobs_router(jobs, settings, service.telemetry, client_errors)
+        app.include_router(router, dependencies=authenticated)
+
     @app.get("/healthz", response_model=Readiness, responses={503: {"model": Readiness}})
     async def healthz() -> JSONResponse:
-        """Whether every part of the application is up, storage included."""
+        """Whether every part of the application is up, storage and the job broker included."""
         try:
             await asyncio.to_thread(service.store.check)
+            if jobs is not None:
+                await jobs.store.check()
         except StorageError as error:
             state = Readiness(ready=False, detail=f"storage: {error}")
+        except JobStoreUnavailable as error:
+            state = Readiness(ready=False, detail=f"jobs: {error}")
         else:
             state = await readiness()
         return JSONResponse(state.model_dump(), status_code=200 if state.ready else 503)

@@ -1,4 +1,5 @@
-"""The flux-serve command: build the tiny models, or use a running service (generate, health)."""
+"""The flux-serve command: build the tiny models, or use a running service (generate, health;
+jobs: submit, job, wait, cancel)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from serve_app.client.flux_client import (
     FluxError,
     FluxTimeoutError,
 )
+from serve_app.jobs.schemas import Job, JobRequest
 from serve_app.models.tiny import TINY_CLIP_NAME, TINY_FLUX_NAME, ensure_tiny_model
 from serve_app.schemas import Diversity, GeneratedImage, GenerateRequest, SeedMode
 from serve_app.settings import get_settings
@@ -79,21 +81,12 @@ def generate(
     saved: dict[int, Path] = {}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    )
-    with progress, client.stream(request) as images:
+    with _progress_bar(console) as progress, client.stream(request) as images:
         label = f"best {request.top_k} of {request.nof_images}" if request.top_k else "images"
         task = progress.add_task(label, total=expected)
         for image in images:
             if out is not None:
-                path = out / image_file_name(image, index_digits)
-                path.write_bytes(client.download(image))
-                saved[image.index] = path
+                saved[image.index] = _save(client, image, out, index_digits)
             progress.advance(task)
     response = images.result
     assert response is not None  # the stream raises unless it ends with its result
@@ -102,6 +95,86 @@ def generate(
     console.print(
         f"{response.count} images in {response.latency_ms / 1000:.1f} s"
         f" (request {response.request_id}){where}",
+        markup=False,
+        highlight=False,
+    )
+    return ExitCode.OK
+
+
+def _progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _save(client: FluxClient, image: GeneratedImage, out: Path, index_digits: int) -> Path:
+    path = out / image_file_name(image, index_digits)
+    path.write_bytes(client.download(image))
+    return path
+
+
+def submit(
+    client: FluxClient, request: JobRequest, idempotency_key: str | None, console: Console
+) -> Job:
+    """Queue ``request`` as a job and print its id on stdout."""
+    job = client.submit(request, idempotency_key=idempotency_key)
+    _stdout_console().print(job.id, markup=False, highlight=False)
+    console.print(f"job {job.id} {job.status}", markup=False, highlight=False)
+    return job
+
+
+def wait(client: FluxClient, job_id: str, out: Path | None, console: Console) -> ExitCode:
+    """Follow a job with a progress bar until it ends; print (and save) its images."""
+    with _progress_bar(console) as progress:
+        task = progress.add_task(f"job {job_id[:8]}", total=None)
+
+        def show(job: Job) -> None:
+            progress.update(
+                task,
+                total=job.progress.total,
+                completed=job.progress.done,
+                description=f"job {job.id[:8]} {job.status}",
+            )
+
+        job = client.wait(job_id, on_progress=show)
+    return _job_report(client, job, out, console)
+
+
+def _job_report(client: FluxClient, job: Job, out: Path | None, console: Console) -> ExitCode:
+    saved: dict[int, Path] = {}
+    if out is not None and job.images:
+        out.mkdir(parents=True, exist_ok=True)
+        digits = max(2, len(str(max(image.index for image in job.images))))
+        saved = {image.index: _save(client, image, out, digits) for image in job.images}
+    if job.images:
+        _stdout_console().print(_images_table(job.images, saved))
+    where = f", saved in {out}" if saved else ""
+    console.print(
+        f"job {job.id} {job.status}: {job.progress.done} of {job.progress.total} images{where}",
+        markup=False,
+        highlight=False,
+    )
+    if job.error is not None:
+        _error(console, f"the job failed ({job.error.type}): {job.error.message}")
+        return ExitCode.SERVER_ERROR
+    return ExitCode.OK
+
+
+def show_job(client: FluxClient, job_id: str) -> ExitCode:
+    """Print a job object as JSON on stdout."""
+    print(client.job(job_id).model_dump_json(indent=2))
+    return ExitCode.OK
+
+
+def cancel(client: FluxClient, job_id: str, console: Console) -> ExitCode:
+    """Cancel a job and say how far it got."""
+    job = client.cancel(job_id)
+    console.print(
+        f"job {job.id} {job.status}: kept {job.progress.done} of {job.progress.total} images",
         markup=False,
         highlight=False,
     )
@@ -176,6 +249,17 @@ def _failure(error: FluxError, arguments: argparse.Namespace, console: Console) 
 
 
 def _request(arguments: argparse.Namespace) -> GenerateRequest:
+    """The request as given (see _fields)."""
+    return GenerateRequest.model_construct(**_fields(arguments))
+
+
+def _job_request(arguments: argparse.Namespace) -> JobRequest:
+    """The job as given (see _fields)."""
+    fields = _fields(arguments) | _given({"webhook": arguments.webhook})
+    return JobRequest.model_construct(**fields)
+
+
+def _fields(arguments: argparse.Namespace) -> dict[str, Any]:
     """The request as given, not validated here: the service checks it against its own limits
     (which may differ from this machine's settings) and names the field at fault."""
     diversity = _given(
@@ -197,7 +281,7 @@ def _request(arguments: argparse.Namespace) -> GenerateRequest:
         "base_seed": arguments.base_seed,
         "diversity": Diversity.model_construct(**diversity) if diversity else None,
     }
-    return GenerateRequest.model_construct(**_given(fields))
+    return _given(fields)
 
 
 def _given(values: dict[str, Any]) -> dict[str, Any]:
@@ -252,6 +336,81 @@ def _service_options() -> argparse.ArgumentParser:
     return options
 
 
+def _request_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a request, for generate and submit."""
+    parser.add_argument("prompt", help="What to draw.")
+    parser.add_argument(
+        "-n", "--nof-images", metavar="N", type=int, help="How many images (default 16)."
+    )
+    parser.add_argument(
+        "--samplers",
+        metavar="NAMES",
+        type=_comma_list(str),
+        help="Samplers to vary over, e.g. euler,dpmpp_2m.",
+    )
+    parser.add_argument(
+        "--steps", metavar="LIST", type=_comma_list(int), help="Step counts to vary over, e.g. 2,4."
+    )
+    parser.add_argument(
+        "--cfg-scales",
+        metavar="LIST",
+        type=_comma_list(float),
+        help="Guidance scales to vary over, e.g. 1,3.5.",
+    )
+    parser.add_argument(
+        "--seeds", choices=get_args(SeedMode), help="How seeds are chosen (default mix)."
+    )
+    parser.add_argument("--top-k", metavar="K", type=int, help="Keep only the K best images.")
+    parser.add_argument(
+        "--width", metavar="PX", type=int, help="Width in pixels, a multiple of 16."
+    )
+    parser.add_argument(
+        "--height", metavar="PX", type=int, help="Height in pixels, a multiple of 16."
+    )
+    parser.add_argument(
+        "--negative-prompt", metavar="TEXT", help="What to steer away from (cfg above 1)."
+    )
+    parser.add_argument(
+        "--base-seed", metavar="SEED", type=int, help="Seed of fixed and mix seeding."
+    )
+    parser.add_argument(
+        "--gpus", metavar="N", type=int, help="How many workers may share the request."
+    )
+
+
+def _job_commands(commands: Any, service: list[argparse.ArgumentParser]) -> None:
+    """submit, job, wait and cancel."""
+    keep_layout = argparse.RawDescriptionHelpFormatter
+    submitting = commands.add_parser(
+        "submit",
+        parents=service,
+        help="Queue a job for a prompt and print its id (with --wait, wait for its images).",
+        epilog=EXIT_CODES,
+        formatter_class=keep_layout,
+    )
+    _request_options(submitting)
+    submitting.add_argument("--webhook", metavar="URL", help="Where to POST the job's end.")
+    submitting.add_argument(
+        "--idempotency-key", metavar="KEY", help="Submitting again with it gives the same job."
+    )
+    submitting.add_argument("--wait", action="store_true", help="Wait for the job, as `wait`.")
+    submitting.add_argument("--out", metavar="DIR", type=Path, help="With --wait: save here.")
+    for name, what in (("job", "Print a job's state."), ("cancel", "Cancel a job.")):
+        command = commands.add_parser(
+            name, parents=service, help=what, epilog=EXIT_CODES, formatter_class=keep_layout
+        )
+        command.add_argument("job_id", metavar="ID", help="The job's id.")
+    waiting = commands.add_parser(
+        "wait",
+        parents=service,
+        help="Wait for a job with a progress bar, then print (and save) its images.",
+        epilog=EXIT_CODES,
+        formatter_class=keep_layout,
+    )
+    waiting.add_argument("job_id", metavar="ID", help="The job's id.")
+    waiting.add_argument("--out", metavar="DIR", type=Path, help="Save the images here.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``flux-serve``."""
     keep_layout = argparse.RawDescriptionHelpFormatter
@@ -279,50 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=keep_layout,
     )
-    generating.add_argument("prompt", help="What to draw.")
-    generating.add_argument(
-        "-n", "--nof-images", metavar="N", type=int, help="How many images (default 16)."
-    )
-    generating.add_argument(
-        "--samplers",
-        metavar="NAMES",
-        type=_comma_list(str),
-        help="Samplers to vary over, e.g. euler,dpmpp_2m.",
-    )
-    generating.add_argument(
-        "--steps", metavar="LIST", type=_comma_list(int), help="Step counts to vary over, e.g. 2,4."
-    )
-    generating.add_argument(
-        "--cfg-scales",
-        metavar="LIST",
-        type=_comma_list(float),
-        help="Guidance scales to vary over, e.g. 1,3.5.",
-    )
-    generating.add_argument(
-        "--seeds", choices=get_args(SeedMode), help="How seeds are chosen (default mix)."
-    )
-    generating.add_argument("--top-k", metavar="K", type=int, help="Keep only the K best images.")
-    generating.add_argument(
-        "--width", metavar="PX", type=int, help="Width in pixels, a multiple of 16."
-    )
-    generating.add_argument(
-        "--height", metavar="PX", type=int, help="Height in pixels, a multiple of 16."
-    )
-    generating.add_argument(
-        "--negative-prompt", metavar="TEXT", help="What to steer away from (cfg above 1)."
-    )
-    generating.add_argument(
-        "--base-seed", metavar="SEED", type=int, help="Seed of fixed and mix seeding."
-    )
-    generating.add_argument(
-        "--gpus", metavar="N", type=int, help="How many workers may share the request."
-    )
+    _request_options(generating)
     generating.add_argument(
         "--out",
         metavar="DIR",
         type=Path,
         help="Download the images into this folder (created if needed).",
     )
+    _job_commands(commands, service)
     commands.add_parser(
         "health",
         parents=service,
@@ -345,14 +468,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         with FluxClient(
             arguments.url, api_key=arguments.api_key, timeout=arguments.timeout
         ) as client:
-            if arguments.command == "health":
-                return health(client, console)
-            return generate(client, _request(arguments), arguments.out, console)
+            return _command(client, arguments, console)
     except FluxError as error:
         return _failure(error, arguments, console)
     except OSError as error:
         _error(console, str(error))
         return ExitCode.LOCAL_FAILURE
+
+
+def _command(client: FluxClient, arguments: argparse.Namespace, console: Console) -> ExitCode:
+    command = arguments.command
+    if command == "health":
+        return health(client, console)
+    if command == "generate":
+        return generate(client, _request(arguments), arguments.out, console)
+    if command == "submit":
+        job = submit(client, _job_request(arguments), arguments.idempotency_key, console)
+        if not arguments.wait:
+            return ExitCode.OK
+        return wait(client, job.id, arguments.out, console)
+    if command == "job":
+        return show_job(client, arguments.job_id)
+    if command == "cancel":
+        return cancel(client, arguments.job_id, console)
+    return wait(client, arguments.job_id, arguments.out, console)
 
 
 if __name__ == "__main__":

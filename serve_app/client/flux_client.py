@@ -17,9 +17,12 @@ FluxTimeoutError tell an unreachable service from a slow one.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
+    Callable,
     Generator,
     Iterator,
 )
@@ -30,6 +33,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from serve_app.client.events import ServerSentEvent, aread_events, read_events
+from serve_app.jobs.schemas import Job, JobRequest
 from serve_app.schemas import (
     ErrorBody,
     ErrorEnvelope,
@@ -120,6 +124,36 @@ def _payload(request: GenerateRequest, *, stream: bool) -> dict[str, Any]:
     # Only what the caller set: everything left out takes the service's own defaults.
     with_mode = request.model_copy(update={"stream": stream})
     return with_mode.model_dump(mode="json", exclude_unset=True)
+
+
+def _job_payload(request: JobRequest) -> dict[str, Any]:
+    return request.model_dump(mode="json", exclude_unset=True)
+
+
+def _job_headers(idempotency_key: str | None) -> dict[str, str]:
+    return {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+
+
+DEFAULT_POLL_S = 1.0
+"""How often ``wait`` asks for a job's state."""
+
+
+class _JobWait:
+    """The deadline and progress callback of one ``wait``."""
+
+    def __init__(self, timeout_s: float | None, on_progress: Callable[[Job], None] | None) -> None:
+        self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._on_progress = on_progress
+
+    def ended(self, job: Job) -> bool:
+        """Report ``job``; True once it has ended. FluxTimeoutError past the deadline."""
+        if self._on_progress is not None:
+            self._on_progress(job)
+        if job.finished:
+            return True
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise FluxTimeoutError(f"job {job.id} is still {job.status}")
+        return False
 
 
 def _api_error(status: int | None, body: str) -> FluxAPIError:
@@ -270,6 +304,38 @@ class FluxClient:
         with _transport_errors(self._http.base_url):
             return _readiness(self._http.get("/healthz"))
 
+    def submit(self, request: JobRequest, *, idempotency_key: str | None = None) -> Job:
+        """Queue ``request`` as a job; the job object comes back at once."""
+        with _transport_errors(self._http.base_url):
+            response = self._http.post(
+                "/jobs", json=_job_payload(request), headers=_job_headers(idempotency_key)
+            )
+        return _parsed(Job, response)
+
+    def job(self, job_id: str) -> Job:
+        """A job's state, progress, images so far and outcome."""
+        with _transport_errors(self._http.base_url):
+            return _parsed(Job, self._http.get(f"/jobs/{job_id}"))
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout_s: float | None = None,
+        poll_s: float = DEFAULT_POLL_S,
+        on_progress: Callable[[Job], None] | None = None,
+    ) -> Job:
+        """The job once it has ended, polling every ``poll_s``; ``on_progress`` sees each state."""
+        waiting = _JobWait(timeout_s, on_progress)
+        while not waiting.ended(job := self.job(job_id)):
+            time.sleep(poll_s)
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a job; it keeps the images stored so far."""
+        with _transport_errors(self._http.base_url):
+            return _parsed(Job, self._http.delete(f"/jobs/{job_id}"))
+
     def download(self, image: GeneratedImage | str) -> bytes:
         """The encoded bytes of an image (or of an image URL)."""
         with _transport_errors(self._http.base_url):
@@ -328,6 +394,38 @@ class AsyncFluxClient:
         """Whether the service is ready, and what is still starting if not."""
         with _transport_errors(self._http.base_url):
             return _readiness(await self._http.get("/healthz"))
+
+    async def submit(self, request: JobRequest, *, idempotency_key: str | None = None) -> Job:
+        """Queue ``request`` as a job; the job object comes back at once."""
+        with _transport_errors(self._http.base_url):
+            response = await self._http.post(
+                "/jobs", json=_job_payload(request), headers=_job_headers(idempotency_key)
+            )
+        return _parsed(Job, response)
+
+    async def job(self, job_id: str) -> Job:
+        """A job's state, progress, images so far and outcome."""
+        with _transport_errors(self._http.base_url):
+            return _parsed(Job, await self._http.get(f"/jobs/{job_id}"))
+
+    async def wait(
+        self,
+        job_id: str,
+        *,
+        timeout_s: float | None = None,
+        poll_s: float = DEFAULT_POLL_S,
+        on_progress: Callable[[Job], None] | None = None,
+    ) -> Job:
+        """The job once it has ended, polling every ``poll_s``; ``on_progress`` sees each state."""
+        waiting = _JobWait(timeout_s, on_progress)
+        while not waiting.ended(job := await self.job(job_id)):
+            await asyncio.sleep(poll_s)
+        return job
+
+    async def cancel(self, job_id: str) -> Job:
+        """Cancel a job; it keeps the images stored so far."""
+        with _transport_errors(self._http.base_url):
+            return _parsed(Job, await self._http.delete(f"/jobs/{job_id}"))
 
     async def download(self, image: GeneratedImage | str) -> bytes:
         """The encoded bytes of an image (or of an image URL)."""

@@ -1,0 +1,318 @@
+"""/jobs on the in-process application, with a real Redis and the real Celery queue (nothing
+consumes it here: the runner is driven by the tests), and the runner on the in-process models."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from deployments.job_queue import CeleryJobQueue
+from serve_app.api.jobs import JobBackend
+from serve_app.api.routes import create_app
+from serve_app.faults import WorkerLost
+from serve_app.generation.pipeline import RenderedImage
+from serve_app.generation.planning import SamplingJob
+from serve_app.jobs.runner import JobRunner
+from serve_app.jobs.store import JobStore
+from serve_app.service import RenderStream
+from serve_app.settings import ServiceSettings
+from serve_app.storage.local import LocalImageStore
+
+from .conftest import WEBHOOK_SECRET, MakeService
+from .live_server import always_ready
+from .redis_server import RedisServer
+
+SMALL = {"prompt": "a red cat", "nof_images": 4, "width": 64, "height": 64}
+
+
+@pytest.fixture
+def jobs_settings(settings: ServiceSettings, redis_server: RedisServer) -> ServiceSettings:
+    """The session's settings on database 1 of the session's Redis and a queue of their own:
+    the cluster's runners never see these jobs."""
+    return settings.model_copy(
+        update={
+            "redis_url": redis_server.url.replace("/0", "/1"),
+            "jobs_queue": "api-tests-jobs",
+            "webhooks_queue": "api-tests-webhooks",
+            "webhook_secret": SecretStr(WEBHOOK_SECRET),
+            "webhook_allowed_hosts": ["127.0.0.1"],
+            "jobs_max_attempts": 2,
+        }
+    )
+
+
+def job_store(settings: ServiceSettings) -> JobStore:
+    return JobStore(
+        settings.redis_url,
+        retention_s=settings.jobs_retention_s,
+        idempotency_ttl_s=settings.idempotency_ttl_s,
+    )
+
+
+@pytest.fixture
+def jobs_client(
+    jobs_settings: ServiceSettings, make_service: MakeService, store: LocalImageStore
+) -> Iterator[TestClient]:
+    backend = JobBackend(job_store(jobs_settings), CeleryJobQueue(jobs_settings))
+    app = create_app(make_service(jobs_settings, store), always_ready, jobs=backend)
+    with TestClient(app) as client:
+        yield client
+
+
+def queued_runs(settings: ServiceSettings) -> int:
+    """Runs waiting in the Celery queue (a Redis list)."""
+    return int(redis.Redis.from_url(settings.redis_url).llen(settings.jobs_queue))
+
+
+def test_a_submission_is_a_202_with_the_job_queued_in_celery(
+    jobs_client: TestClient, jobs_settings: ServiceSettings
+) -> None:
+    before = queued_runs(jobs_settings)
+    response = jobs_client.post("/jobs", json=SMALL)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert response.headers["location"] == f"/jobs/{job['id']}"
+    assert job["status"] == "queued"
+    assert job["progress"] == {"done": 0, "total": 4}
+    assert (job["images"], job["result"], job["error"]) == ([], None, None)
+    assert job["started_at"] is None
+    assert queued_runs(jobs_settings) == before + 1
+    assert jobs_client.get(f"/jobs/{job['id']}").json() == job
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "reason"),
+    [
+        pytest.param({**SMALL, "stream": True}, "stream", "do not stream", id="stream"),
+        pytest.param({**SMALL, "top_k": 9}, "top_k", "must not exceed", id="generate-rules"),
+        pytest.param({**SMALL, "webhook": "ftp://example.com/x"}, "webhook", "scheme", id="ftp"),
+        pytest.param(
+            {**SMALL, "webhook": "http://169.254.169.254/latest/meta-data"},
+            "webhook",
+            "non-public",
+            id="cloud-metadata",
+        ),
+        pytest.param(
+            {**SMALL, "webhook": "http://10.1.2.3/hook"}, "webhook", "non-public", id="private"
+        ),
+        pytest.param({**SMALL, "webhok": "http://x"}, "webhok", "Extra inputs", id="unknown"),
+    ],
+)
+def test_bad_input_is_a_422_naming_the_field(
+    jobs_client: TestClient, body: dict[str, Any], param: str, reason: str
+) -> None:
+    response = jobs_client.post("/jobs", json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert reason in error["message"]
+
+
+def test_webhooks_need_a_signing_secret(
+    jobs_settings: ServiceSettings, make_service: MakeService, store: LocalImageStore
+) -> None:
+    unsigned = jobs_settings.model_copy(update={"webhook_secret": None})
+    backend = JobBackend(job_store(unsigned), CeleryJobQueue(unsigned))
+    with TestClient(create_app(make_service(unsigned, store), always_ready, jobs=backend)) as c:
+        response = c.post("/jobs", json={**SMALL, "webhook": "http://127.0.0.1:9/hook"})
+    assert response.status_code == 422
+    assert "FLUX_SERVE_WEBHOOK_SECRET" in response.json()["error"]["message"]
+
+
+def test_an_allow_listed_webhook_host_is_accepted(jobs_client: TestClient) -> None:
+    response = jobs_client.post("/jobs", json={**SMALL, "webhook": "http://127.0.0.1:9/hook"})
+    assert response.status_code == 202, response.text
+
+
+def test_an_idempotency_key_answers_the_same_job_and_refuses_another_body(
+    jobs_client: TestClient, jobs_settings: ServiceSettings
+) -> None:
+    headers = {"Idempotency-Key": f"order-{time.time_ns()}"}
+    first = jobs_client.post("/jobs", json=SMALL, headers=headers)
+    before = queued_runs(jobs_settings)
+    again = jobs_client.post("/jobs", json={**SMALL, "diversity": None}, headers=headers)
+    assert (first.status_code, again.status_code) == (202, 202)
+    assert again.json()["id"] == first.json()["id"]
+    assert queued_runs(jobs_settings) == before  # not queued twice
+    other = jobs_client.post("/jobs", json={**SMALL, "nof_images": 5}, headers=headers)
+    assert other.status_code == 409
+    assert other.json()["error"]["type"] == "conflict"
+
+
+@pytest.mark.parametrize("job_id", ["0" * 32, "not-a-job", "A" * 32], ids=str)
+def test_an_unknown_or_malformed_job_id_is_a_404(jobs_client: TestClient, job_id: str) -> None:
+    for method in ("GET", "DELETE"):
+        response = jobs_client.request(method, f"/jobs/{job_id}")
+        assert response.status_code == 404, (method, response.text)
+        assert response.json()["error"]["type"] == "not_found"
+
+
+def test_with_api_keys_a_job_is_visible_only_with_the_key_that_made_it(
+    jobs_settings: ServiceSettings, make_service: MakeService, store: LocalImageStore
+) -> None:
+    keyed = jobs_settings.model_copy(update={"api_keys": [SecretStr("key-a"), SecretStr("key-b")]})
+    backend = JobBackend(job_store(keyed), CeleryJobQueue(keyed))
+    with TestClient(create_app(make_service(keyed, store), always_ready, jobs=backend)) as client:
+        assert client.post("/jobs", json=SMALL).status_code == 401
+        a, b = ({"Authorization": f"Bearer key-{name}"} for name in "ab")
+        job_id = client.post("/jobs", json=SMALL, headers=a).json()["id"]
+        assert client.get(f"/jobs/{job_id}", headers=b).status_code == 404
+        assert client.delete(f"/jobs/{job_id}", headers=b).status_code == 404
+        assert client.get(f"/jobs/{job_id}", headers=a).status_code == 200
+
+
+def counting(
+    render: RenderStream, rendered: list[int], fail_after: int | None = None
+) -> RenderStream:
+    """``render`` that notes each job it makes, and loses its worker after ``fail_after``."""
+
+    async def render_counting(jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
+        async for batch in render(jobs):
+            if fail_after is not None and len(rendered) >= fail_after:
+                raise WorkerLost("a FluxWorker replica was lost: test")
+            rendered.extend(image.job.index for image in batch)
+            yield batch
+
+    return render_counting
+
+
+def make_runner(
+    settings: ServiceSettings,
+    make_service: MakeService,
+    store: LocalImageStore,
+    rendered: list[int],
+    fail_after: int | None = None,
+) -> JobRunner:
+    service = make_service(settings, store)
+    service = make_service(settings, store, counting(service._render, rendered, fail_after))
+    return JobRunner(settings, job_store(settings), service, CeleryJobQueue(settings))
+
+
+def test_a_cancelled_queued_job_never_runs(
+    jobs_client: TestClient,
+    jobs_settings: ServiceSettings,
+    make_service: MakeService,
+    store: LocalImageStore,
+) -> None:
+    job_id = jobs_client.post("/jobs", json=SMALL).json()["id"]
+    cancelled = jobs_client.delete(f"/jobs/{job_id}")
+    assert cancelled.status_code == 200
+    assert cancelled.json()["status"] == "cancelled"
+    assert jobs_client.delete(f"/jobs/{job_id}").status_code == 409
+    rendered: list[int] = []
+    runner = make_runner(jobs_settings, make_service, store, rendered)
+    assert asyncio.run(runner.run(job_id)) == "done"  # Celery's delivery of its task
+    assert rendered == []
+    job = jobs_client.get(f"/jobs/{job_id}").json()
+    assert (job["status"], job["started_at"]) == ("cancelled", None)
+
+
+def test_a_run_after_a_lost_one_makes_only_the_missing_images_and_stores_each_once(
+    jobs_client: TestClient,
+    jobs_settings: ServiceSettings,
+    make_service: MakeService,
+    store: LocalImageStore,
+) -> None:
+    body = {**SMALL, "nof_images": 8}
+    job_id = jobs_client.post("/jobs", json=body).json()["id"]
+    first: list[int] = []
+    losing = make_runner(jobs_settings, make_service, store, first, fail_after=4)
+    with pytest.raises(WorkerLost):  # the first run fails; Celery retries it
+        asyncio.run(losing.run(job_id))
+    half = jobs_client.get(f"/jobs/{job_id}").json()
+    assert half["status"] == "running"
+    assert half["progress"]["done"] == len(first) == 4
+    second: list[int] = []
+    asyncio.run(make_runner(jobs_settings, make_service, store, second).run(job_id))
+    job = jobs_client.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job
+    assert sorted(first + second) == list(range(8))  # nothing made twice
+    assert sorted(image["index"] for image in job["result"]["images"]) == list(range(8))
+    assert len(list((Path(store.root) / job_id).iterdir())) == 8
+
+
+def test_a_job_whose_runs_keep_failing_is_failed_with_the_error(
+    jobs_client: TestClient,
+    jobs_settings: ServiceSettings,
+    make_service: MakeService,
+    store: LocalImageStore,
+) -> None:
+    job_id = jobs_client.post("/jobs", json=SMALL).json()["id"]
+    for _ in range(jobs_settings.jobs_max_attempts - 1):
+        with pytest.raises(WorkerLost):
+            asyncio.run(make_runner(jobs_settings, make_service, store, [], 0).run(job_id))
+    # The last allowed run fails the job instead of raising for another retry.
+    assert asyncio.run(make_runner(jobs_settings, make_service, store, [], 0).run(job_id)) == "done"
+    job = jobs_client.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "failed"
+    assert job["error"]["type"] == "worker_lost"
+    assert job["finished_at"] is not None
+
+
+def test_redis_down_is_a_503_naming_the_broker_while_generate_works(
+    jobs_settings: ServiceSettings,
+    make_service: MakeService,
+    store: LocalImageStore,
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    own = jobs_settings.model_copy(update={"redis_url": server.url})
+    backend = JobBackend(job_store(own), CeleryJobQueue(own))
+    try:
+        with TestClient(create_app(make_service(own, store), always_ready, jobs=backend)) as c:
+            assert c.post("/jobs", json=SMALL).status_code == 202
+            server.kill()
+            down = c.post("/jobs", json=SMALL)
+            assert down.status_code == 503
+            assert down.json()["error"]["type"] == "broker_unavailable"
+            assert "Redis" in down.json()["error"]["message"]
+            assert c.post("/generate", json=SMALL).status_code == 200
+            health = c.get("/healthz")
+            assert health.status_code == 503
+            assert health.json()["detail"].startswith("jobs: the job broker (Redis")
+            server.start()  # the same port and data: the first job is still there
+            assert c.post("/jobs", json=SMALL).status_code == 202
+            assert c.get("/healthz").status_code == 200
+            assert queued_runs(own) == 2
+    finally:
+        server.stop()
+
+
+def test_the_client_and_the_command_submit_follow_and_cancel_a_job(
+    jobs_settings: ServiceSettings,
+    make_service: MakeService,
+    store: LocalImageStore,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from serve_app.client import FluxClient
+    from serve_app.client.cli import main
+    from serve_app.jobs.schemas import JobRequest
+
+    from .live_server import serve_over_http
+
+    backend = JobBackend(job_store(jobs_settings), CeleryJobQueue(jobs_settings))
+    app = create_app(make_service(jobs_settings, store), always_ready, jobs=backend)
+    with serve_over_http(app) as url, FluxClient(url) as client:
+        job = client.submit(JobRequest(**SMALL), idempotency_key=f"cli-{time.time_ns()}")
+        assert (job.status, job.progress.total) == ("queued", 4)
+        assert client.job(job.id) == job
+        assert main(["cancel", job.id, "--url", url]) == 0
+        seen: list[str] = []
+        ended = client.wait(job.id, timeout_s=30, on_progress=lambda j: seen.append(j.status))
+        assert (ended.status, seen) == ("cancelled", ["cancelled"])
+        capsys.readouterr()
+        assert main(["submit", "a red cat", "-n", "2", "--url", url]) == 0
+        submitted = capsys.readouterr().out.strip()
+        assert client.job(submitted).status == "queued"
+        assert main(["job", submitted, "--url", url]) == 0
+        assert f'"id": "{submitted}"' in capsys.readouterr().out
+        assert main(["submit", "x", "--webhook", "ftp://example.com", "--url", url]) == 2
