@@ -5,7 +5,6 @@ GPU each, started with ``ray start`` on 127.0.0.1, the application deployed with
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,10 +16,10 @@ import pytest
 import yaml
 
 from deployments.local_cluster import deploy, free_port, wait_until_ready
-from serve_app.client.events import read_events
 
 from .conftest import ROOT, serve_config_for_tests
 from .metrics import images_by_replica
+from .midway import loses_no_image_when
 from .ray_nodes import RayCluster, ray_cluster, text_of
 from .redis_server import RedisServer
 
@@ -102,23 +101,26 @@ def replica_nodes(cluster: RayCluster) -> dict[str, str]:
     return cluster.probe(PLACEMENTS)  # type: ignore[no-any-return]
 
 
-def images_per_node(service: MultiNodeService) -> dict[str, float]:
-    """Images made so far on each worker node, from that node's own metrics endpoint."""
+def images_per_node(service: MultiNodeService, names: list[str]) -> dict[str, float]:
+    """Images made so far on each of these worker nodes, from the node's own metrics endpoint."""
     return {
         name: sum(images_by_replica(service.cluster.nodes[name].metrics_url, "flux").values())
-        for name in WORKER_NODES
+        for name in names
     }
 
 
-def images_made_while(service: MultiNodeService, expected: int, send: Any) -> dict[str, float]:
-    """How many images each worker node made while ``send()`` ran, which makes ``expected``."""
-    before = images_per_node(service)
+def images_made_while(
+    service: MultiNodeService, expected: int, send: Any, names: list[str] = WORKER_NODES
+) -> dict[str, float]:
+    """How many images each of these worker nodes made while ``send()`` ran, once they have
+    made ``expected`` in all (or after a minute)."""
+    before = images_per_node(service, names)
     send()
     deadline = time.monotonic() + 60
     grown: dict[str, float] = {}
     while time.monotonic() < deadline:
-        now = images_per_node(service)
-        grown = {name: now[name] - before[name] for name in WORKER_NODES}
+        now = images_per_node(service, names)
+        grown = {name: now[name] - before[name] for name in names}
         if sum(grown.values()) >= expected:
             break
         time.sleep(1)
@@ -146,30 +148,14 @@ def test_a_worker_node_killed_mid_request_loses_no_image_and_comes_back(
     multinode: MultiNodeService,
 ) -> None:
     cluster = multinode.cluster
-    # Two shards of eight jobs, two batches each: when the first image is out, both nodes
-    # still have a batch to make.
-    payload = {
-        "prompt": "a red cat",
-        "nof_images": 16,
-        "gpus": 2,
-        "stream": True,
-        "diversity": {"nof_steps": [12]},
-    }
-    killed = False
-    events = []
-    with httpx.stream("POST", f"{multinode.url}/generate", json=payload, timeout=300) as response:
-        assert response.status_code == 200
-        for event in read_events(response.iter_lines()):
-            events.append((event.event, json.loads(event.data)))
-            if not killed:
-                cluster.nodes["w1"].kill()
-                killed = True
-    assert killed
-    assert events[-1][0] == "result", events[-1]
-    result = events[-1][1]
-    assert sorted(image["index"] for image in result["images"]) == list(range(16))
-    # Each image stored exactly once, the retried ones included.
-    assert len(list((multinode.storage_dir / result["request_id"]).iterdir())) == 16
+
+    def request_losing_w1() -> None:
+        kill = cluster.nodes["w1"].kill
+        loses_no_image_when(kill, multinode.url, multinode.storage_dir, timeout_s=300)
+
+    # w2 made its own eight images and those w1 had not returned when it died.
+    survivor = images_made_while(multinode, 9, request_losing_w1, names=["w2"])
+    assert survivor["w2"] > 8
 
     # The node rejoins (a new node, with the same resources): the replica Serve could not place
     # while its GPU was gone starts there, and takes its share of the work again.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import statistics
 import time
@@ -14,10 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_app.client.events import aread_events, read_events
+from serve_app.client.events import aread_events
 
 from .conftest import ServeCluster
 from .metrics import growth, images_by_replica, memory_by_process
+from .midway import loses_no_image_when
 
 pytestmark = pytest.mark.ray
 
@@ -167,30 +167,7 @@ def test_a_replica_killed_mid_request_loses_no_image(
     fault_app: tuple[str, Path], deployment: str
 ) -> None:
     url, storage = fault_app
-    # Two shards of eight jobs, two batches each: when the first image is out, both workers
-    # still have a batch to make.
-    payload = {
-        "prompt": "a red cat",
-        "nof_images": 16,
-        "gpus": 2,
-        "stream": True,
-        "diversity": {"nof_steps": [12]},
-    }
-    killed = None
-    events = []
-    with httpx.stream("POST", f"{url}/generate", json=payload, timeout=180) as response:
-        assert response.status_code == 200
-        for event in read_events(response.iter_lines()):
-            events.append((event.event, json.loads(event.data)))
-            if killed is None:
-                killed = kill_a_replica(deployment)
-    assert killed is not None
-    names = [event for event, _ in events]
-    assert names[-1] == "result", events[-1]
-    result = events[-1][1]
-    assert sorted(image["index"] for image in result["images"]) == list(range(16))
-    # Each image stored exactly once, retries included.
-    assert len(list((storage / result["request_id"]).iterdir())) == 16
+    loses_no_image_when(lambda: kill_a_replica(deployment), url, storage, timeout_s=180)
 
 
 async def load(url: str, requests: int, concurrency: int) -> tuple[Counter[int], list[float]]:
