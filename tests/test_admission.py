@@ -181,9 +181,20 @@ def test_a_request_larger_than_any_deadline_allows_is_told_so(
     with pytest.raises(Overloaded) as refused:
         admission.admit(huge, elsewhere="POST /jobs")
     message = str(refused.value)
-    assert "even on idle workers" in message
+    assert "even when they are idle" in message
     assert message.endswith("or send it to POST /jobs")
     assert not admission.tickets
+
+
+def test_a_request_must_also_fit_on_the_workers_its_gpus_give_it(
+    tight: ServiceSettings, clock: Clock
+) -> None:
+    admission = Admission(tight, clock)
+    eighty = jobs_of(tight, nof_images=20, width=1024, height=1024)
+    # Both workers would do it in 40 s, but one shard on one worker takes 80 s.
+    with pytest.raises(Overloaded, match="on 1 worker"):
+        admission.admit(eighty, gpus=1)
+    admission.admit(eighty, gpus=2)
 
 
 def test_one_key_holds_at_most_its_share_and_another_key_still_gets_in(
@@ -225,7 +236,7 @@ def test_an_overloaded_request_gets_a_503_with_the_wait_and_no_work_is_done(
     assert response.status_code == 503
     error = response.json()["error"]
     assert error["type"] == "overloaded"
-    assert "even on idle workers" in error["message"]
+    assert "even when they are idle" in error["message"]
     assert "/jobs" not in error["message"]  # this app has no jobs API
     assert int(response.headers["Retry-After"]) >= 1
     assert not slow_app.state.admission.tickets

@@ -111,11 +111,16 @@ class Admission:
         return sum(t.remaining for t in self.tickets if key is None or t.key == key)
 
     def admit(
-        self, jobs: list[SamplingJob], key: str | None = None, elsewhere: str | None = None
+        self,
+        jobs: list[SamplingJob],
+        gpus: int = 1,
+        key: str | None = None,
+        elsewhere: str | None = None,
     ) -> Ticket:
-        """A ticket for a request of ``jobs`` sent with API key ``key``; Overloaded (503) when it
-        or the work admitted before it could not finish in time, KeyAtCapacity (429) when ``key``
-        holds its share already. ``elsewhere`` names where a refused request may go instead."""
+        """A ticket for a request of ``jobs`` over ``gpus`` workers, sent with API key ``key``;
+        Overloaded (503) when it or the work admitted before it could not finish in time,
+        KeyAtCapacity (429) when ``key`` holds its share already. ``elsewhere`` names where a
+        refused request may go instead."""
         settings = self.settings
         if len(self.tickets) >= settings.max_concurrent_requests:
             raise Overloaded(
@@ -140,12 +145,16 @@ class Admission:
                     retry_after_s=_seconds((held + own - allowed) / capacity),
                 )
         window = min([deadline, *(t.deadline - now for t in self.tickets)])
-        needed = (self.backlog() + own) / capacity
+        # Each of its shards runs on one worker: alone, it takes its work over `gpus` of them.
+        workers = min(gpus, self.speeds.replicas)
+        alone = own / (workers * capacity / self.speeds.replicas)
+        needed = max((self.backlog() + own) / capacity, alone)
         if needed > share * window:
-            if own / capacity > share * deadline:
+            if alone > share * deadline:
                 reason = (
-                    f"this request needs about {own / capacity:.0f} s of the workers' time, more "
-                    f"than its {deadline:g} s deadline allows even on idle workers"
+                    f"this request needs about {alone:.0f} s on {workers} worker(s), more than "
+                    f"its {deadline:g} s deadline allows even when they are idle; ask for fewer "
+                    "images or more gpus"
                 )
             else:
                 reason = (

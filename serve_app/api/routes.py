@@ -162,7 +162,7 @@ def create_app(
         base_url = str(request.base_url)
         logger.debug("request %s: prompt %r", request_id, body.prompt)
         # Per-key shares while API keys are on ('' is everyone while they are off).
-        ticket = admission.admit(plan_jobs(body, settings), owner or None, elsewhere)
+        ticket = admission.admit(plan_jobs(body, settings), body.gpus, owner or None, elsewhere)
         if body.stream:
             return StreamingResponse(
                 event_stream(service, body, request_id, base_url, ticket),
