@@ -37,6 +37,8 @@ RAY = str(Path(sys.executable).with_name("ray"))
 _WORKER_PORTS_START = 21000
 _WORKER_PORTS_PER_NODE = 200
 
+_ANSWER = "probe answer: "
+
 # A killed node is declared dead within a few seconds instead of Ray's default of about 15.
 FAST_FAILURE_DETECTION = {
     "RAY_health_check_period_ms": "1000",
@@ -159,9 +161,14 @@ class RayCluster:
             )
 
     def probe(self, code: str, timeout_s: float = 120) -> Any:
-        """Run ``code`` in a fresh Python process connected to the cluster as a driver; it
-        prints one JSON line last, which is returned."""
-        script = "import json, ray\nray.init(address=ADDRESS, log_to_driver=False)\n" + code
+        """Run ``code`` in a fresh Python process connected to the cluster as a driver; what it
+        passes to ``answer`` (as JSON) is returned."""
+        script = (
+            "import json, ray\n"
+            "def answer(value):\n"
+            f"    print({_ANSWER!r} + json.dumps(value), flush=True)\n"
+            "ray.init(address=ADDRESS, log_to_driver=False)\n"
+        ) + code
         result = subprocess.run(
             [sys.executable, "-c", script.replace("ADDRESS", repr(self.address))],
             env=self.env,
@@ -172,13 +179,14 @@ class RayCluster:
         )
         if result.returncode != 0:
             raise RuntimeError(f"probe failed: {result.stderr[-3000:]}")
-        return json.loads(result.stdout.strip().splitlines()[-1])
+        # Ray's own log lines may come in between.
+        (line,) = [line for line in result.stdout.splitlines() if line.startswith(_ANSWER)]
+        return json.loads(line.removeprefix(_ANSWER))
 
     def alive_nodes(self) -> dict[str, str]:
         """Node id of each live node, by name (the head is "head")."""
         nodes = self.probe(
-            "print(json.dumps([[n['NodeID'], n['Alive'], sorted(n['Resources'])] "
-            "for n in ray.nodes()]))"
+            "answer([[n['NodeID'], n['Alive'], sorted(n['Resources'])] for n in ray.nodes()])"
         )
         named = {}
         for node_id, alive, resources in nodes:
