@@ -123,11 +123,13 @@ class ServiceSettings(BaseSettings):
         "beyond it a 429 with Retry-After.",
     )
     admission_prior_speed: float = Field(
-        1.0,
+        0.25,
         gt=0,
         description="Work units per second (one unit: a transformer call over a megapixel) that "
-        "a FluxWorker replica is assumed to make until it has reported a batch. Keep it below "
-        "the real speed: a higher one admits work that can't finish in time.",
+        "a FluxWorker replica is assumed to make until it has reported a batch. Keep it well "
+        "below the real speed (the embedded model makes about 10 on a laptop's CPU, fewer while "
+        "other replicas share it; FLUX.1-schnell about 4 to 9 on an H100): a higher one admits "
+        "work that can't finish in time.",
     )
     admission_speed_window_s: float = Field(
         30,

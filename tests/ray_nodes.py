@@ -93,6 +93,8 @@ class RayCluster:
     """A head without workloads' GPUs and worker nodes with one logical GPU each."""
 
     temp_dir: Path
+    logs: Path
+    """Where each node's ``ray start`` writes its output, kept after the cluster is gone."""
     env: dict[str, str]
     gcs_port: int = field(default_factory=free_port)
     nodes: dict[str, RayNode] = field(default_factory=dict)
@@ -141,7 +143,7 @@ class RayCluster:
         return self._start(name, arguments)
 
     def _start(self, name: str, arguments: list[str]) -> RayNode:
-        node = RayNode(name, arguments, free_port(), self.temp_dir.parent / f"{name}.log")
+        node = RayNode(name, arguments, free_port(), self.logs / f"{name}.log")
         self.nodes[name] = node
         self.restart(node)
         return node
@@ -204,7 +206,11 @@ class RayCluster:
             if set(alive) == names:
                 return alive
             time.sleep(1)
-        raise TimeoutError(f"alive nodes {sorted(alive)}, wanted {sorted(names)}")
+        missing = "\n".join(
+            f"{name}: ...{self.nodes[name].log.read_text(errors='replace')[-2000:]}"
+            for name in sorted(names - set(alive))
+        )
+        raise TimeoutError(f"alive nodes {sorted(alive)}, wanted {sorted(names)}\n{missing}")
 
     def shutdown(self) -> None:
         """Stop every node of this cluster, the head last; nothing else on the machine."""
@@ -213,13 +219,17 @@ class RayCluster:
 
 
 @contextlib.contextmanager
-def ray_cluster(workers: list[str], head_resources: dict[str, float]) -> Iterator[RayCluster]:
-    """A started head and ``workers`` (one logical GPU each), torn down however the block ends."""
+def ray_cluster(
+    workers: list[str], head_resources: dict[str, float], logs: Path
+) -> Iterator[RayCluster]:
+    """A started head and ``workers`` (one logical GPU each), torn down however the block ends;
+    the nodes' output goes to ``logs``."""
     # Short: Ray's Unix sockets live under the temp dir and their paths are limited to 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="fs-ray-"))
     env = {**os.environ, **FAST_FAILURE_DETECTION}
     env.pop("RAY_ADDRESS", None)
-    cluster = RayCluster(temp_dir=root / "ray", env=env)
+    logs.mkdir(parents=True, exist_ok=True)
+    cluster = RayCluster(temp_dir=root / "ray", logs=logs, env=env)
     try:
         cluster.add_head(num_cpus=1, resources=head_resources)
         cluster.wait_for_nodes({"head"})

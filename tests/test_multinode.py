@@ -71,7 +71,7 @@ def multinode(
     # A Redis database of its own: the session's cluster may have job consumers on the first.
     config = multinode_config(port, work / "images", redis_server.database(1))
     config_path.write_text(yaml.safe_dump(config))
-    with ray_cluster(WORKER_NODES, HEAD_ONLY) as cluster:
+    with ray_cluster(WORKER_NODES, HEAD_ONLY, work / "nodes") as cluster:
         deploy(config_path, cluster.address, ROOT)
         url = f"http://127.0.0.1:{port}"
         wait_until_ready(url, timeout_s=300)
