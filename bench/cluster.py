@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from typing import Any
 import yaml  # type: ignore[import-untyped]
 
 from deployments.local_cluster import deploy, free_port, wait_until_ready
+from deployments.local_redis import server_command, wait_until_up
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER_DEPLOYMENT = "FluxWorker"
@@ -114,6 +116,21 @@ def serve_config(setup: ServiceSetup, http_port: int, storage_dir: Path) -> dict
                 if autoscaling:
                     autoscaling["max_replicas"] = min(autoscaling["max_replicas"], setup.gpus)
     return config
+
+
+@contextmanager
+def private_redis() -> Iterator[str]:
+    """A Redis of the benchmark's own on a free port, for the jobs broker that the shipped
+    config's application needs to be ready: its URL, until the block ends."""
+    with tempfile.TemporaryDirectory(prefix="flux-bench-redis-") as folder:
+        port = free_port()
+        redis = subprocess.Popen(server_command(Path(folder), port, daemonize=False))
+        try:
+            wait_until_up(port, Path(folder) / "redis.log")
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            redis.terminate()
+            redis.wait(timeout=30)
 
 
 @contextmanager

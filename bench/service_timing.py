@@ -90,7 +90,7 @@ async def load_round(
     return wall_s, [timing for timings in per_client for timing in timings]
 
 
-async def _rounds(
+async def timed_rounds(
     url: str, body: dict[str, Any], concurrency: int, repeats: int, requests_per_client: int
 ) -> tuple[list[float], list[RequestTiming]]:
     """Images/s of each round, and the timings of all its requests."""
@@ -115,7 +115,7 @@ def warm_up(service: RunningService, body: dict[str, Any], concurrency: int) -> 
     started = time.perf_counter()
     while True:
         before = service.worker_replicas()
-        asyncio.run(_rounds(service.url, body, concurrency, 1, 1))
+        asyncio.run(timed_rounds(service.url, body, concurrency, 1, 1))
         service.wait_while_scaling(_SCALING_TIMEOUT_S)
         settled = service.worker_replicas() == before
         elapsed = time.perf_counter() - started
@@ -140,7 +140,7 @@ def measure_service(
         warm_up(service, body, concurrency)
         replicas_at_start = service.worker_replicas()
         rates, timings = asyncio.run(
-            _rounds(service.url, body, concurrency, repeats, requests_per_client)
+            timed_rounds(service.url, body, concurrency, repeats, requests_per_client)
         )
         latencies = [timing.latency_s for timing in timings]
         first_images = [timing.first_image_s for timing in timings]

@@ -69,8 +69,11 @@ class SpeedupTimer:
             rates.append(len(jobs) / timer.pass_seconds(jobs, self.batch_size))
         del timer, generator
         release_memory()
+        names = enabled_speedups(settings)
+        if settings.quantize != "none":
+            names.append(f"quantize {settings.quantize}")
         return SpeedupFigures(
-            name=", ".join(enabled_speedups(settings)) or "none",
+            name=", ".join(names) or "none",
             image_latency_s=median(latencies),
             images_per_s=median(rates),
             pixel_difference=float(np.abs(images - self._plain_images).mean()),
@@ -79,10 +82,14 @@ class SpeedupTimer:
 
 
 def measure_speedups(
-    timer: SpeedupTimer, attention_backends: Sequence[str], compile_mode: str
+    timer: SpeedupTimer,
+    attention_backends: Sequence[str],
+    compile_mode: str,
+    quantize_modes: Sequence[str] = (),
 ) -> list[SpeedupFigures]:
     """The plain pipeline, each speed-up alone, then all of them together (with the attention
-    backend that made an image fastest, where one beat the default)."""
+    backend that made an image fastest, where one beat the default), then each quantization
+    mode on top of them all (lossy: the pixel difference says how far the images move)."""
     plain = timer.measure({})
     singles: list[dict[str, Any]] = [
         {"fuse_qkv": True},
@@ -100,4 +107,5 @@ def measure_speedups(
             fastest = figures.image_latency_s
             together["attention_backend"] = changes["attention_backend"]
     logger.info("speed-ups together: %s", together)
-    return [plain, *alone, timer.measure(together)]
+    quantized = [timer.measure({**together, "quantize": mode}) for mode in quantize_modes]
+    return [plain, *alone, timer.measure(together), *quantized]

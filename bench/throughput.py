@@ -10,8 +10,11 @@
    the arrival of the first streamed image;
 3. many small requests at once, on workers that share batches across requests and, deployed
    again, on workers that give each request batches of its own;
-4. with --speedups, the raw pipeline with each speed-up setting alone and all together: the
-   latency of one image, images/s, and how far the images move from the plain pipeline's.
+4. the raw pipeline at its best batch size making the workload from an input image (at
+   --image-strength) and from the prompt alone, in turns: images/s of each and their ratio;
+5. with --speedups, the raw pipeline with each speed-up setting alone and all together, then
+   with each quantization mode on top (int8 weight-only; fp8 where the GPU has it): the latency
+   of one image, images/s, and how far the images move from the plain pipeline's.
 
 Every measurement makes the same images: one request's jobs, with the service's default seeds.
 A preset this machine can't hold (full, on a CPU) runs at its reduced size instead.
@@ -29,13 +32,15 @@ from pathlib import Path
 
 import torch
 
-from bench.cluster import RunningService, ServiceSetup, running_service
+from bench.cluster import RunningService, ServiceSetup, private_redis, running_service
+from bench.image_timing import measure_image_inputs
 from bench.pipeline_timing import measure_pipeline
 from bench.presets import PRESETS, ensure_preset, runnable_preset
 from bench.report import Results, SharingFigures, best_batch_size, to_markdown, to_text
 from bench.service_timing import ServiceFigures, measure_service
 from bench.speedup_timing import SpeedupTimer, measure_speedups
 from bench.workload import Workload
+from serve_app.generation.quantization import fp8_problem
 from serve_app.models.sources import select_device, select_dtype
 from serve_app.models.tiny import TINY_CLIP_NAME, ensure_tiny_model
 from serve_app.settings import ServiceSettings, get_settings
@@ -83,6 +88,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=8,
         help="requests each client sends per repeat in the shared-batches comparison",
+    )
+    parser.add_argument(
+        "--image-strength",
+        type=float,
+        default=0.5,
+        help="strength of the image-to-image measurement (0: leave it out)",
     )
     parser.add_argument(
         "--speedups", action="store_true", help="also time each speed-up setting (slow to compile)"
@@ -149,6 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("raw pipeline: batch sizes %s, %d repeats", args.batch_sizes, args.repeats)
     batch_rates = measure_pipeline(settings, workload, args.batch_sizes, args.repeats)
     best = best_batch_size(batch_rates)
+    image_inputs = None
+    if args.image_strength:
+        logger.info("image-to-image at strength %g against text-to-image", args.image_strength)
+        image_inputs = measure_image_inputs(
+            settings, workload, best, args.repeats, args.image_strength
+        )
     threads = f", {torch.get_num_threads()} torch threads" if device.type == "cpu" else ""
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
 
@@ -173,16 +190,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return figures
 
-    with running_service(setup) as service:
-        figures = measure_service(
-            service, workload, args.concurrency, args.repeats, args.requests_per_client
-        )
-        shared = small_requests(service) if args.small_requests else None
     sharing = None
-    if shared is not None:
-        logger.info("service again, each request in batches of its own")
-        with running_service(replace(setup, batch_across_requests=False)) as service:
-            sharing = SharingFigures(args.small_requests, shared, small_requests(service))
+    with private_redis() as redis_url:
+        setup = replace(setup, redis_url=redis_url)
+        with running_service(setup) as service:
+            figures = measure_service(
+                service, workload, args.concurrency, args.repeats, args.requests_per_client
+            )
+            shared = small_requests(service) if args.small_requests else None
+        if shared is not None:
+            logger.info("service again, each request in batches of its own")
+            with running_service(replace(setup, batch_across_requests=False)) as service:
+                sharing = SharingFigures(args.small_requests, shared, small_requests(service))
     speedups = []
     if args.speedups:
         cuda = device.type == "cuda"
@@ -190,8 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if backends is None:
             backends = ["_native_flash", "_native_cudnn"] if cuda else []
         compile_mode = args.compile_mode or ("max-autotune" if cuda else "default")
+        quantize_modes = ["int8_weight_only"] + ([] if fp8_problem(device) else ["fp8"])
         timer = SpeedupTimer(settings, workload, best, args.repeats)
-        speedups = measure_speedups(timer, backends, compile_mode)
+        speedups = measure_speedups(timer, backends, compile_mode, quantize_modes)
     results = Results(
         preset=preset.name,
         preset_description=preset.description,
@@ -203,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         service_batch_size=best,
         sharing=sharing,
         speedups=speedups,
+        image_inputs=image_inputs,
         machine=machine,
     )
     print(to_text(results))

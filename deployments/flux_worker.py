@@ -7,12 +7,14 @@ import os
 from collections.abc import AsyncIterator
 
 import ray
+import torch
 from ray import serve
 
 from deployments.telemetry import RayTelemetry
 from serve_app.generation.pipeline import FluxGenerator, RenderedImage
 from serve_app.generation.planning import SamplingJob
 from serve_app.generation.scheduling import RenderScheduler
+from serve_app.inputs.pixels import RenderInputs
 from serve_app.settings import get_settings
 
 
@@ -36,9 +38,12 @@ class FluxWorker:
             worker=serve.get_replica_context().replica_id.unique_id,
         )
 
-    async def render(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
-        """Yield each group of images as soon as its batch is made."""
-        async for batch in self.scheduler.render(jobs):
+    async def render(
+        self, jobs: list[SamplingJob], inputs: RenderInputs | None = None
+    ) -> AsyncIterator[list[RenderedImage]]:
+        """Yield each group of images as soon as its batch is made; ``inputs`` carries the
+        input images the jobs name, once for the whole call."""
+        async for batch in self.scheduler.render(jobs, inputs):
             yield batch
 
     async def check_health(self) -> None:
@@ -46,10 +51,13 @@ class FluxWorker:
         await asyncio.to_thread(self.generator.check)
 
     def placement(self) -> dict[str, str]:
-        """Which node and accelerator this replica was given and which device it computes on."""
+        """Which node and accelerator this replica was given, which device it computes on, and
+        with how many torch threads."""
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
             "node_id": ray.get_runtime_context().get_node_id(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             "device": str(self.generator.device),
+            "torch_threads": str(torch.get_num_threads()),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         }

@@ -1,7 +1,12 @@
 """Failures the request flow tells apart: a lost worker is retried, overload and timeouts are
-answered at once."""
+answered at once, a parameter that can't be served is the client's to fix; and the deadline that
+times a request out."""
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 
 class WorkerLost(RuntimeError):
@@ -23,3 +28,26 @@ class KeyAtCapacity(Overloaded):
 
 class RequestTimedOut(RuntimeError):
     """The request took longer than its deadline; its work was cancelled."""
+
+
+class InvalidParameter(ValueError):
+    """A request field that passed the schema but can't be served; a 422 naming ``param``."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@contextlib.asynccontextmanager
+async def deadline(seconds: float) -> AsyncIterator[None]:
+    """Cancel the work inside after ``seconds`` and raise RequestTimedOut."""
+    timeout = asyncio.timeout(seconds)
+    try:
+        async with timeout:
+            yield
+    except TimeoutError as error:
+        if not timeout.expired():
+            raise
+        raise RequestTimedOut(
+            f"the request took longer than {seconds:g} s; its work was cancelled"
+        ) from error

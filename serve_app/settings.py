@@ -22,6 +22,11 @@ EMBEDDED_MODEL = "tiny"
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 
+# "data:image/webp;base64," and room for media type parameters.
+_DATA_URL_HEADER_CHARS = 64
+# The rest of a request: prompts of up to 2000 characters JSON-escaped, lists, numbers.
+_BODY_BESIDES_INPUTS = 64 * 1024
+
 
 class ServiceSettings(BaseSettings):
     """Settings of the whole application, validated once at start."""
@@ -70,6 +75,13 @@ class ServiceSettings(BaseSettings):
         description="Run one small generation when a replica starts (with compile_mode, also "
         "one batch of the default size, which compiles it).",
     )
+    served_model_name: str | None = Field(
+        None,
+        min_length=1,
+        description="Model id of the OpenAI-compatible API: what clients pass as `model` and "
+        "GET /v1/models lists. Unset: `model` as given (a hub id such as "
+        "black-forest-labs/FLUX.1-schnell, or 'tiny'), or the name of a local folder.",
+    )
 
     # Lossless speed-ups (serve_app/generation/speedups.py); bench/ measures each.
     fuse_qkv: bool = Field(
@@ -88,6 +100,37 @@ class ServiceSettings(BaseSettings):
         "off",
         description="torch.compile the transformer and the VAE decoder in this mode; each new "
         "image size or batch size compiles once more.",
+    )
+
+    # Performance (serve_app/generation/threads.py, prompts.py, quantization.py)
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Threads torch computes on in a FluxWorker replica. Unset: on a CPU, every "
+        "core this process may use (Ray would give a replica of num_cpus 0.5 one thread); on a "
+        "GPU, torch's own choice.",
+    )
+    prompt_cache_size: int = Field(
+        32,
+        ge=0,
+        le=4096,
+        description="Prompt embeddings a FluxWorker keeps (least recently used go first), so "
+        "that the batches of a request, and later requests with the same prompt, run the text "
+        "encoders once per text; 0: every batch encodes its distinct texts again.",
+    )
+    compile_scope: Literal["whole", "blocks"] = Field(
+        "whole",
+        description="What compile_mode compiles of the transformer: 'whole' (one graph) or "
+        "'blocks' (each of its repeated blocks, diffusers' regional compilation: a fraction of "
+        "the compile time, nearly the same speed).",
+    )
+    quantize: Literal["none", "int8_weight_only", "fp8"] = Field(
+        "none",
+        description="Quantize the transformer's linear layers with torchao after loading, "
+        "before compiling (lossy: images move a little; bench/ reports how far): "
+        "'int8_weight_only' (any device), 'fp8' (float8 weights and activations, on a GPU of "
+        "compute capability 8.9 or newer: L4, L40S, H100, H200).",
     )
 
     # Reliability
@@ -155,7 +198,10 @@ class ServiceSettings(BaseSettings):
         0.5, ge=0, description="First wait before such a retry; doubles each time."
     )
     max_body_bytes: int = Field(
-        65536, ge=1024, description="Largest request body; larger ones get a 413."
+        28 * 2**20,
+        ge=1024,
+        description="Largest request body; larger ones get a 413. It must hold an input image "
+        "and mask of max_input_image_bytes each, as data: URLs.",
     )
 
     # Access
@@ -281,10 +327,62 @@ class ServiceSettings(BaseSettings):
     max_cfg_scale: float = Field(20.0, ge=1.0, description="Largest guidance scale.")
     max_diversity_values: int = Field(16, ge=1, description="Longest list in each diversity field.")
 
+    # Image inputs (serve_app/inputs/): image-to-image and inpainting
+    max_input_image_bytes: int = Field(
+        10 * 2**20,
+        ge=1024,
+        description="Largest input image or mask, in bytes (decoded from its data: URL, or "
+        "fetched); larger ones get a 422. max_body_bytes must hold two of them as data: URLs.",
+    )
+    max_input_image_pixels: int = Field(
+        4096 * 4096,
+        ge=64 * 64,
+        description="Largest input image or mask, in pixels (width x height), checked before it "
+        "is decoded; Pillow's decompression-bomb guard runs as well.",
+    )
+    image_url_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated hosts whose https:// image URLs the service fetches. "
+        "Empty: only data: URLs are taken.",
+    )
+    image_url_private_hosts: bool = Field(
+        False,
+        description="Let the hosts of image_url_hosts resolve to loopback, private or "
+        "link-local addresses (an image store inside the deployment's own network). Off: they "
+        "must resolve to public addresses only, like every other URL the service calls.",
+    )
+    image_fetch_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Deadline of fetching one image URL, from connecting to the last byte; past "
+        "it the request gets a 424.",
+    )
+    image_fetch_ca_file: Path | None = Field(
+        None,
+        description="PEM file of the certificate authorities trusted when fetching image URLs "
+        "(an internal CA). Unset: the system's (OpenSSL's defaults, so SSL_CERT_FILE works).",
+    )
+
     @property
     def native(self) -> ModelProfile:
         """The model's own sampling settings, used where a request leaves diversity out."""
         return PROFILES[self.profile]
+
+    @property
+    def max_data_url_chars(self) -> int:
+        """Longest data: URL of an input image: base64 of max_input_image_bytes, and a header."""
+        return _DATA_URL_HEADER_CHARS + 4 * -(-self.max_input_image_bytes // 3)
+
+    @property
+    def served_model(self) -> str:
+        """The model id clients of the OpenAI-compatible API name."""
+        if self.served_model_name:
+            return self.served_model_name
+        # A hub id is "owner/name"; a folder given by its path is known by its name.
+        if self.model.startswith(("/", ".", "~")):
+            return Path(self.model).name
+        return self.model
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -293,7 +391,7 @@ class ServiceSettings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
-    @field_validator("webhook_allowed_hosts", mode="before")
+    @field_validator("webhook_allowed_hosts", "image_url_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
@@ -318,6 +416,17 @@ class ServiceSettings(BaseSettings):
     def _s3_has_a_bucket(self) -> ServiceSettings:
         if self.storage_backend == "s3" and not self.s3_bucket:
             raise ValueError("storage_backend 's3' needs s3_bucket (FLUX_SERVE_S3_BUCKET)")
+        return self
+
+    @model_validator(mode="after")
+    def _body_holds_the_inputs(self) -> ServiceSettings:
+        needed = 2 * self.max_data_url_chars + _BODY_BESIDES_INPUTS
+        if self.max_body_bytes < needed:
+            raise ValueError(
+                f"max_body_bytes {self.max_body_bytes} can't hold an image and a mask of "
+                f"max_input_image_bytes {self.max_input_image_bytes} as data: URLs: raise it to "
+                f"at least {needed}, or lower max_input_image_bytes"
+            )
         return self
 
     @model_validator(mode="after")

@@ -26,7 +26,7 @@ class Telemetry(Protocol):
     """Receives the service's measurements. No prompt or user ever goes into a label."""
 
     def request_finished(self, outcome: Outcome) -> None:
-        """One HTTP request on /generate ended."""
+        """One image request (/generate, /v1/images/...) ended."""
 
     def images_generated(self, sampler: str, count: int) -> None:
         """A pipeline call made ``count`` images with ``sampler``."""

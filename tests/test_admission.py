@@ -19,12 +19,14 @@ from serve_app.faults import KeyAtCapacity, Overloaded
 from serve_app.generation.cost import job_work, work_of
 from serve_app.generation.pipeline import RenderedImage
 from serve_app.generation.planning import SamplingJob, plan_jobs
+from serve_app.inputs.reading import read_inputs
 from serve_app.jobs.store import JobStore
 from serve_app.schemas import GenerateRequest
 from serve_app.settings import ServiceSettings
 from serve_app.storage.local import LocalImageStore
 
 from .conftest import MakeService
+from .images import data_url, encode, gradient
 from .live_server import always_ready
 
 
@@ -70,6 +72,24 @@ def test_a_guidance_distilled_model_takes_the_scale_as_input_at_no_extra_cost(
     dev = bare.model_copy(update={"profile": "dev"})
     guided = {"width": 1024, "height": 1024, "diversity": {"nof_steps": [4], "cfg_scales": [3.5]}}
     assert one_image(dev, **guided) == 4
+
+
+@pytest.mark.parametrize(("strength", "steps_run"), [(1.0, 4), (0.5, 2), (0.3, 1), (0.01, 1)])
+def test_an_image_from_an_input_costs_only_the_steps_its_strength_runs(
+    bare: ServiceSettings, strength: float, steps_run: int
+) -> None:
+    request = GenerateRequest.model_validate(
+        {
+            "prompt": "a red cat",
+            "nof_images": 1,
+            "image": data_url(encode(gradient(1024, 1024))),
+            "strength": strength,
+        }
+    )
+    inputs = asyncio.run(read_inputs(request, bare))
+    (job,) = plan_jobs(request, bare, inputs)
+    assert (job.params.width, job.params.height) == (1024, 1024)
+    assert job_work(job, bare) == steps_run  # one megapixel, one euler call per step run
 
 
 def test_decoding_scales_with_pixels_and_the_overhead_does_not(bare: ServiceSettings) -> None:
@@ -297,6 +317,25 @@ def test_a_key_beyond_its_share_gets_a_429_with_retry_after(keyed_client: TestCl
             "/generate", json=small, headers={"Authorization": f"Bearer {key}"}
         )
         assert answer.status_code == 200, answer.text
+
+
+def test_the_openai_api_is_admitted_by_cost_and_key_in_its_own_envelope(
+    keyed_client: TestClient,
+) -> None:
+    big = {"prompt": "a red cat", "n": 10, "size": "1024x1024"}
+    response = keyed_client.post(
+        "/v1/images/generations", json=big, headers={"Authorization": "Bearer first-key"}
+    )
+    assert response.status_code == 429
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "key_at_capacity")
+    assert int(response.headers["Retry-After"]) >= 1
+    small = {"prompt": "a red cat", "n": 1, "size": "256x256", "response_format": "b64_json"}
+    answer = keyed_client.post(
+        "/v1/images/generations", json=small, headers={"Authorization": "Bearer first-key"}
+    )
+    assert answer.status_code == 200, answer.text
+    assert not keyed_client.app.state.admission.tickets  # type: ignore[attr-defined]
 
 
 def test_finished_batches_teach_the_admission_the_workers_speed(

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -15,6 +17,8 @@ import torch
 from bench import jobs as jobs_bench
 from bench import presets
 from bench.cluster import WORKER_DEPLOYMENT, ServiceSetup, serve_config
+from bench.gpu_run import Budget, PipelineRow, ResultsFile, ServiceRow, skipped
+from bench.image_timing import ImageInputFigures, input_picture, time_image_inputs
 from bench.report import (
     Results,
     SharingFigures,
@@ -28,6 +32,7 @@ from bench.service_timing import RequestTiming, ServiceError, ServiceFigures, ti
 from bench.speedup_timing import SpeedupFigures, SpeedupTimer
 from bench.stats import median, percentile
 from bench.workload import Workload
+from serve_app.generation.pipeline import FluxGenerator
 from serve_app.settings import ServiceSettings
 
 WORKLOAD = Workload(prompt="a red cat", images=16, size=256, steps=4)
@@ -343,9 +348,12 @@ def test_speedup_timer_times_the_service_generator_and_compares_pixels(
     plain = timer.measure({})
     fused = timer.measure({"fuse_qkv": True})
     assert (plain.name, fused.name) == ("none", "fused QKV")
+    quantized = timer.measure({"quantize": "int8_weight_only"})
+    assert quantized.name == "quantize int8_weight_only"
     assert plain.pixel_difference == 0.0
     assert 0.0 <= fused.pixel_difference <= 1.0
-    for figures in (plain, fused):
+    assert 0.0 < quantized.pixel_difference <= 2.0  # lossy, and the table says how much
+    for figures in (plain, fused, quantized):
         assert figures.image_latency_s > 0
         assert figures.images_per_s > 0
         assert figures.warmup_s > 0
@@ -358,7 +366,14 @@ def test_timed_job_polls_until_the_job_has_succeeded() -> None:
             httpx.Response(200, json={"status": "running", "progress": {"done": 0}}),
             httpx.Response(200, json={"status": "running", "progress": {"done": 2}}),
             httpx.Response(
-                200, json={"status": "succeeded", "progress": {"done": 4}, "images": [{}] * 4}
+                200,
+                json={
+                    "status": "succeeded",
+                    "progress": {"done": 4},
+                    "images": [{}] * 4,
+                    # Its end comes from the job itself, not from when the poll saw it.
+                    "finished_at": (datetime.now(UTC) + timedelta(seconds=5)).isoformat(),
+                },
             ),
         ]
     )
@@ -370,7 +385,7 @@ def test_timed_job_polls_until_the_job_has_succeeded() -> None:
 
     timing = asyncio.run(run())
     assert timing.images == 4
-    assert 0 < timing.first_image_s <= timing.latency_s
+    assert 0 < timing.first_image_s < 4 < timing.latency_s <= 5
 
 
 def test_timed_job_fails_loudly_on_a_failed_job() -> None:
@@ -409,3 +424,94 @@ def test_jobs_report_has_both_rates_the_ratio_and_the_cold_start() -> None:
     assert figures.ratio == pytest.approx(0.97)
     assert "jobs / generate: 0.970 (target >= 0.95: met)" in text
     assert "scale from zero, job submission to first image: 3.25 s" in text
+
+
+def test_image_to_image_is_timed_beside_text_to_image_on_the_service_generator(
+    generator: FluxGenerator,
+) -> None:
+    tiny = Workload(prompt="a red cat", images=2, size=64, steps=4)
+    jobs, inputs = tiny.image_jobs(generator.settings, input_picture(64), 0.5)
+    text_jobs = tiny.jobs(generator.settings)
+    assert [job.params.seed for job in jobs] == [job.params.seed for job in text_jobs]
+    assert {(job.params.mode, job.params.strength) for job in jobs} == {("image-to-image", 0.5)}
+    assert len({job.batch_key() for job in jobs}) == 1
+    assert list(inputs.images) == [jobs[0].params.image_digest]
+    figures = time_image_inputs(generator, tiny, batch_size=2, repeats=1, strength=0.5)
+    assert (figures.strength, figures.steps_run, figures.batch_size) == (0.5, 2, 2)
+    assert figures.text_images_per_s > 0
+    assert figures.image_images_per_s > 0
+
+
+def test_the_report_has_image_to_image_against_text_to_image() -> None:
+    with_inputs = replace(
+        RESULTS,
+        image_inputs=ImageInputFigures(
+            strength=0.5, steps_run=2, batch_size=4, text_images_per_s=4.0, image_images_per_s=6.0
+        ),
+    )
+    ratios = {ratio.name: ratio for ratio in with_inputs.ratios()}
+    faster = ratios["image-to-image / text-to-image, strength 0.5"]
+    assert (faster.value, faster.verdict) == (pytest.approx(1.5), "met")
+    text = to_text(with_inputs)
+    assert "raw pipeline, batch 4, image-to-image at strength 0.5 (2 of 4 steps), in turns" in text
+    assert "raw pipeline, batch 4, text-to-image, in turns" in text
+    assert "| image-to-image / text-to-image, strength 0.5 | 1.500 | >= 1.00 | met |" in (
+        to_markdown(with_inputs)
+    )
+
+
+def test_gpu_run_skips_a_step_that_would_overrun_its_budget_saying_so(tmp_path: Path) -> None:
+    results = ResultsFile(tmp_path / "gpu.md", "# header")
+    budget = Budget(seconds=100.0)
+    assert not skipped(results, budget, "2", 60.0)
+    assert skipped(results, budget, "3", 150.0)
+    (note,) = results.notes
+    assert note.startswith("step 3 skipped: it needs about 150 s, ")
+    assert note in (tmp_path / "gpu.md").read_text()
+
+
+def test_gpu_run_rewrites_its_report_after_every_measurement(tmp_path: Path) -> None:
+    report = tmp_path / "out" / "gpu.md"
+    results = ResultsFile(report, "# header")
+    results.add(PipelineRow("1", "as built, bf16", 1.5, 0.8, 4.0, 0.0))
+    assert "| 1 | as built, bf16 | 1.500 s | 0.800 | 1.00 | 4.0 s | 0.000 |" in report.read_text()
+    results.add(PipelineRow("2", "compile", 0.9, 1.6, 60.0, 0.25))
+    results.add(ServiceRow(16, 3, 1.55, 10.3, 1.2, raw_images_per_s=1.6))
+    text = report.read_text()
+    assert "| 2 | compile | 0.900 s | 1.600 | 2.00 | 60.0 s | 0.250 |" in text
+    assert "| 4 | 3 requests of 16 images | 1.550 | 0.969 | 10.30 s | 1.20 s |" in text
+    assert [path.name for path in report.parent.iterdir()] == ["gpu.md"]  # no partial file left
+
+
+def test_gpu_sh_runs_every_step_on_the_reduced_full_preset_on_a_cpu(tmp_path: Path) -> None:
+    """bench/gpu.sh as a GPU machine runs it, reduced: FLUX.1-schnell's widths at reduced depth,
+    64x64, one step, one image per figure, no compiling (tests/test_speedups.py compiles)."""
+    report = tmp_path / "gpu.md"
+    command = [
+        str(Path(__file__).resolve().parents[1] / "bench" / "gpu.sh"),
+        *("--size", "64", "--steps", "1", "--batch-size", "1", "--images", "1"),
+        *("--requests", "1", "--repeats", "1", "--compile-mode", "off", "--out", str(report)),
+    ]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    text = report.read_text()
+    assert "preset full (reduced)" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "as built, float32" in rows["1"]
+    assert "fused QKV, channels-last VAE" in rows["2"]
+    assert "step 2 + int8_weight_only" in rows["3"]
+    assert "1 requests of 1 images" in rows["4"]
+    assert "step 3 with int8_weight_only: fp8 needs a GPU" in text
+    assert "skipped" not in text
+    assert "ended after" in text
+
+
+def test_private_redis_answers_inside_the_block_and_is_gone_after_it() -> None:
+    import redis
+
+    from bench.cluster import private_redis
+
+    with private_redis() as url:
+        assert redis.Redis.from_url(url).ping()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()

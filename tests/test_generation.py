@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import pytest
+import torch
 from PIL import Image
 
 from serve_app.generation.pipeline import FluxGenerator
@@ -65,7 +66,9 @@ def test_cfg_above_one_runs_true_guidance_against_the_negative_prompt(
     guided = job(cfg_scale=3.0)
     arguments = generator.pipeline_arguments([guided])
     assert arguments["true_cfg_scale"] == 3.0
-    assert arguments["negative_prompt"] == [""]
+    # The empty negative prompt's embeddings: guidance runs against them.
+    (empty,) = generator.prompts.embeddings([""], generator.settings.native.max_sequence_length)
+    assert torch.equal(arguments["negative_prompt_embeds"], empty.sequence)
     with_negative = render_one(generator, job(cfg_scale=3.0, negative_prompt="a dog"))
     assert mean_abs_difference(render_one(generator, guided), with_negative) > 0.5
     # Without guidance the negative prompt is not used at all.

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from serve_app.storage.local import LocalImageStore
 
@@ -56,6 +58,23 @@ def test_an_images_parameters_reproduce_it_through_the_api(client: TestClient) -
         assert again["sampling_params"] == params
         original = client.get(image["url"]).content
         assert mean_abs_difference(original, client.get(again["url"]).content) == 0
+
+
+def test_a_request_picks_the_encoding_of_its_images(client: TestClient) -> None:
+    made = {
+        quality: generate(
+            client, nof_images=1, base_seed=3, image_format="jpeg", image_quality=quality
+        )["images"][0]
+        for quality in (5, 95)
+    }
+    fetched = {quality: client.get(image["url"]) for quality, image in made.items()}
+    for quality, response in fetched.items():
+        assert made[quality]["url"].endswith(".jpeg")
+        assert response.headers["content-type"] == "image/jpeg"
+        assert Image.open(io.BytesIO(response.content)).format == "JPEG"
+    assert len(fetched[5].content) < len(fetched[95].content)
+    webp = generate(client, nof_images=1, image_format="webp")["images"][0]
+    assert client.get(webp["url"]).headers["content-type"] == "image/webp"
 
 
 def test_top_k_returns_the_best_k_sorted_and_stores_only_them(

@@ -87,3 +87,16 @@ def test_an_unusable_attention_backend_is_refused_naming_the_setting(
     bad = settings.model_copy(update={"attention_backend": "warp-drive", "warmup": False})
     with pytest.raises(ValueError, match="FLUX_SERVE_ATTENTION_BACKEND"):
         FluxGenerator(bad)
+
+
+def test_compiling_by_blocks_compiles_each_repeated_block_not_the_whole_transformer(
+    settings: ServiceSettings,
+) -> None:
+    by_blocks = settings.model_copy(
+        update={"compile_mode": "default", "compile_scope": "blocks", "warmup": False}
+    )
+    assert enabled_speedups(by_blocks) == ["compile default (blocks)"]
+    transformer = FluxGenerator(by_blocks).pipeline.transformer  # compiling waits for a call
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    assert transformer._compiled_call_impl is None

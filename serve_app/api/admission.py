@@ -85,6 +85,12 @@ class Ticket:
         """The request ended (finished, failed or abandoned); releasing twice is harmless."""
         self._admission.tickets.discard(self)
 
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+
 
 def _seconds(value: float) -> int:
     """A Retry-After value: whole seconds, at least one."""

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Collection
 
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.api.errors import error_response
+from serve_app.api.errors import api_path, error_response
 from serve_app.telemetry import Telemetry, outcome_of
 
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -49,16 +50,16 @@ class RequestIdMiddleware:
 
 
 class OutcomeMiddleware:
-    """Counts the outcome of each request to ``path`` by status code. Skips other paths, and
-    event streams, whose outcome is known only at their end (the stream reports it)."""
+    """Counts the outcome of each request to one of ``paths`` by status code. Skips other paths,
+    and event streams, whose outcome is known only at their end (the stream reports it)."""
 
-    def __init__(self, app: ASGIApp, telemetry: Telemetry, path: str) -> None:
+    def __init__(self, app: ASGIApp, telemetry: Telemetry, paths: Collection[str]) -> None:
         self.app = app
         self.telemetry = telemetry
-        self.path = path
+        self.paths = frozenset(paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path:
+        if scope["type"] != "http" or api_path(scope) not in self.paths:
             await self.app(scope, receive, send)
             return
 
@@ -86,7 +87,7 @@ class BodySizeLimitMiddleware:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(scope, send)
             return
         received = 0
 
@@ -104,8 +105,8 @@ class BodySizeLimitMiddleware:
     def _message(self) -> str:
         return f"the request body exceeds {self.max_bytes} bytes"
 
-    async def _refuse(self, send: Send) -> None:
-        response = error_response(413, "request_too_large", self._message())
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        response = error_response(413, "request_too_large", self._message(), path=api_path(scope))
         await send(
             {
                 "type": "http.response.start",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,15 +15,21 @@ from starlette.background import BackgroundTask
 
 from serve_app.api.admission import Admission, Ticket
 from serve_app.api.auth import api_key_guard, key_owner
-from serve_app.api.errors import envelope_for, error_response, install_error_handlers
+from serve_app.api.errors import (
+    documented_errors,
+    envelope_for,
+    error_response,
+    install_error_handlers,
+)
 from serve_app.api.jobs import JobBackend, jobs_router
 from serve_app.api.middleware import BodySizeLimitMiddleware, OutcomeMiddleware, RequestIdMiddleware
+from serve_app.api.openai.router import IMAGE_PATHS, openai_router
 from serve_app.api.playground import playground_page
-from serve_app.faults import RequestTimedOut
+from serve_app.faults import deadline
 from serve_app.generation.planning import plan_jobs
+from serve_app.inputs.fitting import RequestInputs
 from serve_app.jobs.store import JobStoreUnavailable
 from serve_app.schemas import (
-    ErrorEnvelope,
     GeneratedImage,
     GenerateRequest,
     GenerateResponse,
@@ -47,34 +52,22 @@ def server_sent_event(event: str, payload: BaseModel) -> str:
     return f"event: {event}\ndata: {payload.model_dump_json()}\n\n"
 
 
-@contextlib.asynccontextmanager
-async def deadline(seconds: float) -> AsyncIterator[None]:
-    """Cancel the work inside after ``seconds`` and raise RequestTimedOut."""
-    timeout = asyncio.timeout(seconds)
-    try:
-        async with timeout:
-            yield
-    except TimeoutError as error:
-        if not timeout.expired():
-            raise
-        raise RequestTimedOut(
-            f"the request took longer than {seconds:g} s; its work was cancelled"
-        ) from error
-
-
 async def event_stream(
     service: GenerationService,
     request: GenerateRequest,
     request_id: str,
     base_url: str,
     ticket: Ticket,
+    inputs: RequestInputs | None = None,
 ) -> AsyncIterator[str]:
     """``image`` events as images are stored, then ``result`` (or ``error``) with the answer."""
     started = time.perf_counter()
     images: list[GeneratedImage] = []
     try:
         async with deadline(service.settings.request_timeout_s):
-            async for image in service.images(request, request_id, base_url, ticket.progress):
+            async for image in service.images(
+                request, request_id, base_url, inputs, ticket.progress
+            ):
                 images.append(image)
                 yield server_sent_event("image", image)
     except Exception as error:  # noqa: BLE001 - headers are sent: the error must go in the stream
@@ -90,25 +83,7 @@ async def event_stream(
     yield server_sent_event("result", build_response(request, request_id, images, started))
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorEnvelope, "description": "The body could not be read as UTF-8 JSON."},
-    401: {"model": ErrorEnvelope, "description": "API keys are on and none valid was sent."},
-    429: {
-        "model": ErrorEnvelope,
-        "description": "The API key holds its whole share of the capacity (see Retry-After).",
-    },
-    422: {
-        "model": ErrorEnvelope,
-        "description": "The request is invalid; error.param names the field.",
-    },
-    413: {"model": ErrorEnvelope, "description": "The request body is too large."},
-    503: {
-        "model": ErrorEnvelope,
-        "description": "Overloaded: the request could not finish within its deadline behind "
-        "the work admitted (see Retry-After); or storage failed, or workers were lost.",
-    },
-    504: {"model": ErrorEnvelope, "description": "The request passed its deadline."},
-}
+_ERRORS = documented_errors(openai=False)
 
 
 def create_app(
@@ -129,7 +104,9 @@ def create_app(
     install_error_handlers(app, settings.retry_after_s)
     # The last one added runs first: ids for every answer, the size limit before any parsing.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(OutcomeMiddleware, telemetry=service.telemetry, path="/generate")
+    app.add_middleware(
+        OutcomeMiddleware, telemetry=service.telemetry, paths={"/generate", *IMAGE_PATHS}
+    )
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
     authenticated = [Depends(api_key_guard(settings.api_keys))]
     owner_of_key = Depends(key_owner(settings.api_keys))
@@ -161,11 +138,16 @@ def create_app(
         request_id: str = request.state.request_id
         base_url = str(request.base_url)
         logger.debug("request %s: prompt %r", request_id, body.prompt)
+        # Before any answer: a bad or unreachable input is a 4xx, for a stream too. Read before
+        # admission, because the input decides the size, and so the cost, of the images.
+        inputs = await service.read_inputs(body)
         # Per-key shares while API keys are on ('' is everyone while they are off).
-        ticket = admission.admit(plan_jobs(body, settings), body.gpus, owner or None, elsewhere)
+        ticket = admission.admit(
+            plan_jobs(body, settings, inputs), body.gpus, owner or None, elsewhere
+        )
         if body.stream:
             return StreamingResponse(
-                event_stream(service, body, request_id, base_url, ticket),
+                event_stream(service, body, request_id, base_url, ticket, inputs),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
                 # Also frees the ticket of a stream the client left before it began.
@@ -173,13 +155,18 @@ def create_app(
             )
         try:
             async with deadline(settings.request_timeout_s):
-                return await service.generate(body, request_id, base_url, started, ticket.progress)
+                return await service.generate(
+                    body, request_id, base_url, started, inputs, ticket.progress
+                )
         finally:
             ticket.release()
 
+    app.include_router(
+        openai_router(service, admission, authenticated, key_owner(settings.api_keys), elsewhere)
+    )
     if jobs is not None:
         client_errors: dict[int | str, dict[str, Any]] = {
-            code: _ERRORS[code] for code in (400, 401, 413, 422)
+            code: _ERRORS[code] for code in (400, 401, 413, 422, 424)
         }
         router = jobs_router(jobs, settings, service.telemetry, client_errors)
         app.include_router(router, dependencies=authenticated)

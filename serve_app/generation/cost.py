@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from serve_app.generation.planning import SamplingJob
-from serve_app.generation.samplers import SAMPLERS
+from serve_app.generation.samplers import SAMPLERS, denoising_steps
 from serve_app.settings import ServiceSettings
 
 MEGAPIXEL = 1024 * 1024
@@ -21,7 +21,11 @@ MEGAPIXEL = 1024 * 1024
 def job_work(job: SamplingJob, settings: ServiceSettings) -> float:
     """Work units of one job's image."""
     params = job.params
-    calls = SAMPLERS[params.sampler].model_calls(params.steps)
+    # From an input image, only the last steps x strength of the steps run.
+    steps = (
+        params.steps if params.strength is None else denoising_steps(params.steps, params.strength)
+    )
+    calls = SAMPLERS[params.sampler].model_calls(steps)
     if params.cfg_scale > 1.0 and not settings.native.guidance_distilled:
         calls *= 2  # the transformer also runs on the negative prompt
     megapixels = params.width * params.height / MEGAPIXEL

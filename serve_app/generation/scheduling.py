@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from serve_app.generation.pipeline import RenderCancelled, RenderedImage
 from serve_app.generation.planning import SamplingJob
+from serve_app.inputs.pixels import RenderInputs
 from serve_app.telemetry import NoTelemetry, Telemetry
 
 logger = logging.getLogger(__name__)
@@ -31,9 +32,13 @@ class BatchRenderer(Protocol):
     """What the scheduler needs of a FluxGenerator."""
 
     def sample(
-        self, batch: list[SamplingJob], cancelled: threading.Event | None = None
+        self,
+        batch: list[SamplingJob],
+        cancelled: threading.Event | None = None,
+        inputs: RenderInputs | None = None,
     ) -> list[Any]:
-        """The images of a batch, not yet encoded; RenderCancelled once ``cancelled`` is set."""
+        """The images of a batch from the ``inputs`` its jobs name, not yet encoded;
+        RenderCancelled once ``cancelled`` is set."""
 
     def encode(self, batch: list[SamplingJob], images: list[Any]) -> list[RenderedImage]:
         """The sampled images of a batch, encoded for storage."""
@@ -41,9 +46,10 @@ class BatchRenderer(Protocol):
 
 @dataclass(eq=False)
 class _Call:
-    """One render call: the jobs not yet in a batch, and where its images go."""
+    """One render call: the jobs not yet in a batch, their input images, where the images go."""
 
     pending: list[SamplingJob]
+    inputs: RenderInputs
     results: asyncio.Queue[list[RenderedImage] | BaseException] = field(
         default_factory=asyncio.Queue
     )
@@ -61,6 +67,12 @@ class _Batch:
     @property
     def jobs(self) -> list[SamplingJob]:
         return [job for _, job in self.members]
+
+    @property
+    def inputs(self) -> RenderInputs:
+        """The input images of every call in the batch (a batch may mix several requests')."""
+        calls = dict.fromkeys(call for call, _ in self.members)
+        return RenderInputs.merged(call.inputs for call in calls)
 
 
 def round_robin(queues: list[list[SamplingJob]], limit: int) -> list[tuple[int, SamplingJob]]:
@@ -104,9 +116,12 @@ class RenderScheduler:
         self._loop_task: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
 
-    async def render(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
-        """Yield the images of ``jobs`` in groups, each as soon as its batch is made."""
-        call = _Call(pending=list(jobs))
+    async def render(
+        self, jobs: list[SamplingJob], inputs: RenderInputs | None = None
+    ) -> AsyncIterator[list[RenderedImage]]:
+        """Yield the images of ``jobs`` (from the ``inputs`` they name) in groups, each as soon
+        as its batch is made."""
+        call = _Call(pending=list(jobs), inputs=inputs or RenderInputs())
         self._calls.append(call)
         # Started on demand and ended when idle, so it always runs on the current event loop.
         if self._loop_task is None or self._loop_task.done():
@@ -158,7 +173,9 @@ class RenderScheduler:
             started = time.perf_counter()
             try:
                 # The pipeline blocks for the whole batch: keep it off the event loop.
-                images = await asyncio.to_thread(self.generator.sample, batch.jobs, batch.cancelled)
+                images = await asyncio.to_thread(
+                    self.generator.sample, batch.jobs, batch.cancelled, batch.inputs
+                )
             except asyncio.CancelledError:
                 batch.cancelled.set()  # the event loop is going away: free the pipeline too
                 raise

@@ -27,13 +27,14 @@ def enabled_speedups(settings: ServiceSettings) -> list[str]:
     if settings.attention_backend:
         names.append(f"attention {settings.attention_backend}")
     if settings.compile_mode != "off":
-        names.append(f"compile {settings.compile_mode}")
+        scope = " (blocks)" if settings.compile_scope == "blocks" else ""
+        names.append(f"compile {settings.compile_mode}{scope}")
     return names
 
 
 def apply_speedups(pipeline: Any, settings: ServiceSettings) -> None:
-    """Turn on in ``pipeline`` every speed-up ``settings`` ask for (compiling happens lazily, at
-    the first call of each shape)."""
+    """Turn on in ``pipeline`` every speed-up ``settings`` ask for but compiling, which
+    compile_pipeline does last (after quantization, so that it compiles the final model)."""
     if settings.fuse_qkv:
         # One matmul for query, key and value instead of three, in the transformer and the VAE.
         pipeline.transformer.fuse_qkv_projections()
@@ -49,12 +50,21 @@ def apply_speedups(pipeline: Any, settings: ServiceSettings) -> None:
                 f"attention backend {settings.attention_backend!r} (FLUX_SERVE_ATTENTION_BACKEND) "
                 f"can't be used here: {error}"
             ) from error
+    if names := enabled_speedups(settings):
+        logger.info("speed-ups: %s", ", ".join(names))
+
+
+def compile_pipeline(pipeline: Any, settings: ServiceSettings) -> None:
+    """torch.compile transformer and decoder in ``settings.compile_mode``, if any (compiling
+    happens lazily, at the first call of each shape)."""
     if settings.compile_mode != "off":
         # In place, so the pipeline still sees a FluxTransformer2DModel; the decoder as flux-fast
         # does it. fullgraph: a graph break would silently give back most of the gain.
-        pipeline.transformer.compile(mode=settings.compile_mode, fullgraph=True)
+        if settings.compile_scope == "blocks":
+            # Each transformer block compiles once and serves all blocks of its kind.
+            pipeline.transformer.compile_repeated_blocks(mode=settings.compile_mode, fullgraph=True)
+        else:
+            pipeline.transformer.compile(mode=settings.compile_mode, fullgraph=True)
         pipeline.vae.decode = torch.compile(
             pipeline.vae.decode, mode=settings.compile_mode, fullgraph=True
         )
-    if names := enabled_speedups(settings):
-        logger.info("speed-ups: %s", ", ".join(names))
