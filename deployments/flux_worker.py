@@ -6,6 +6,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 
+import ray
 import torch
 from ray import serve
 
@@ -34,6 +35,7 @@ class FluxWorker:
             max_batch_size=settings.max_batch_size,
             across_calls=settings.batch_across_requests,
             telemetry=RayTelemetry(),
+            worker=serve.get_replica_context().replica_id.unique_id,
         )
 
     async def render(
@@ -49,10 +51,11 @@ class FluxWorker:
         await asyncio.to_thread(self.generator.check)
 
     def placement(self) -> dict[str, str]:
-        """Which accelerator this replica was given, which device it computes on, and with how
-        many torch threads."""
+        """Which node and accelerator this replica was given, which device it computes on, and
+        with how many torch threads."""
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
+            "node_id": ray.get_runtime_context().get_node_id(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             "device": str(self.generator.device),
             "torch_threads": str(torch.get_num_threads()),

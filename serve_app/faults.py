@@ -14,7 +14,16 @@ class WorkerLost(RuntimeError):
 
 
 class Overloaded(RuntimeError):
-    """The service is at capacity: the client should retry later."""
+    """The service is at capacity: the client should retry later, after ``retry_after_s`` where
+    the wait could be estimated."""
+
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class KeyAtCapacity(Overloaded):
+    """The request's API key already holds its whole share of the service's capacity."""
 
 
 class RequestTimedOut(RuntimeError):

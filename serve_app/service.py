@@ -39,6 +39,14 @@ ScoreImages = Callable[[str, list[bytes]], Awaitable[list[float]]]
 OnStored = Callable[[GeneratedImage], Awaitable[None]]
 """Hears of each image once it is stored (a job records it)."""
 
+Progress = Callable[[list[RenderedImage]], None]
+"""Told of each batch of a request's images as it comes back from a worker (admission counts
+the work done)."""
+
+
+def _no_progress(_: list[RenderedImage]) -> None:
+    pass
+
 
 @dataclass(frozen=True)
 class Destination:
@@ -88,15 +96,21 @@ class GenerationService:
         request_id: str,
         base_url: str,
         inputs: RequestInputs | None = None,
+        progress: Progress = _no_progress,
     ) -> AsyncIterator[GeneratedImage]:
         """Yield each image as soon as it is stored; with top_k, only the K best, best first.
 
-        ``inputs`` are the request's read inputs, where the caller has read them already.
+        ``inputs`` are the request's read inputs, where the caller has read them already;
+        ``progress`` hears of each batch as soon as a worker has made it.
         """
         inputs = inputs or await self.read_inputs(request)
         destination = Destination(request_id, uuid.uuid4().hex[:12], base_url)
         async for image in self.make_images(
-            plan_jobs(request, self.settings, inputs), request, destination, inputs
+            plan_jobs(request, self.settings, inputs),
+            request,
+            destination,
+            inputs,
+            progress=progress,
         ):
             yield image
 
@@ -107,12 +121,13 @@ class GenerationService:
         destination: Destination,
         inputs: RequestInputs | None,
         on_stored: OnStored | None = None,
+        progress: Progress = _no_progress,
     ) -> AsyncIterator[GeneratedImage]:
         """Make, score and store the images of ``jobs`` (some or all of ``request``'s plan, from
         its read ``inputs``), yielding each as soon as it is stored; with top_k, only the K
         best, best first. ``on_stored`` hears of every image stored, also of those a caller
         that stops in the middle of a batch is no longer given."""
-        async for final in self.scored_images(jobs, request, inputs):
+        async for final in self.scored_images(jobs, request, inputs, progress):
             for image in await self._store_all(final, destination, on_stored):
                 yield image
 
@@ -121,18 +136,19 @@ class GenerationService:
         jobs: list[SamplingJob],
         request: GenerateRequest,
         inputs: RequestInputs | None = None,
+        progress: Progress = _no_progress,
     ) -> AsyncIterator[list[ScoredImage]]:
         """Yield the images of ``jobs`` (from the request's read ``inputs``) that are final,
         unstored: each batch as soon as it is scored; with top_k, once all are scored, only the
         K best, best first."""
         carried = inputs.render_inputs() if inputs else RenderInputs()
         if request.top_k is None:
-            async for batch in self._rendered(jobs, request.gpus, carried):
+            async for batch in self._rendered(jobs, request.gpus, carried, progress):
                 yield await self._scored(request.prompt, batch)
             return
         # Rank first, so that only the K images returned are ever stored.
         ranked: list[ScoredImage] = []
-        async for batch in self._rendered(jobs, request.gpus, carried):
+        async for batch in self._rendered(jobs, request.gpus, carried, progress):
             ranked.extend(await self._scored(request.prompt, batch))
         ranked.sort(key=lambda item: (-item.score, item.rendered.job.index))
         yield ranked[: request.top_k]
@@ -144,15 +160,18 @@ class GenerationService:
         base_url: str,
         started: float,
         inputs: RequestInputs | None = None,
+        progress: Progress = _no_progress,
     ) -> GenerateResponse:
         """The whole response: in job order, or best first with top_k."""
-        images = [image async for image in self.images(request, request_id, base_url, inputs)]
+        images = [
+            image async for image in self.images(request, request_id, base_url, inputs, progress)
+        ]
         if request.top_k is None:
             images.sort(key=lambda image: image.index)
         return build_response(request, request_id, images, started)
 
     async def _rendered(
-        self, jobs: list[SamplingJob], gpus: int, inputs: RenderInputs
+        self, jobs: list[SamplingJob], gpus: int, inputs: RenderInputs, progress: Progress
     ) -> AsyncIterator[list[RenderedImage]]:
         """Batches from up to ``gpus`` concurrent render streams, in order of completion; each
         call carries the input images once, for all its jobs."""
@@ -197,6 +216,7 @@ class GenerationService:
                 else:
                     outstanding -= len(item)
                     self.telemetry.jobs_in_flight(-len(item))
+                    progress(item)
                     yield item
         finally:
             self.telemetry.jobs_in_flight(-outstanding)

@@ -140,9 +140,57 @@ class ServiceSettings(BaseSettings):
     max_concurrent_requests: int = Field(
         32,
         ge=1,
-        description="Requests one ingress replica works on at once; more get a quick 503.",
+        description="Most requests one ingress replica works on at once, whatever their cost "
+        "(a bound on its memory and connections); more get a quick 503.",
     )
-    retry_after_s: int = Field(5, ge=1, description="Retry-After sent with overload answers.")
+    retry_after_s: int = Field(
+        5,
+        ge=1,
+        description="Retry-After of the 503s whose wait can't be estimated: a lost worker, "
+        "storage, a full worker queue, the request bound above.",
+    )
+    admission_deadline_share: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Admission by cost (serve_app/api/admission.py): a request is admitted only "
+        "when the estimated work of every admitted request, its own included, fits in this share "
+        "of the earliest of their remaining deadlines on the workers at max replicas; otherwise "
+        "a quick 503. The rest of the deadline absorbs estimation error.",
+    )
+    admission_key_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="With API keys on, the share of that admissible work one key may hold; "
+        "beyond it a 429 with Retry-After.",
+    )
+    admission_prior_speed: float = Field(
+        0.25,
+        gt=0,
+        description="Work units per second (one unit: a transformer call over a megapixel) that "
+        "a FluxWorker replica is assumed to make until it has reported a batch. Keep it well "
+        "below the real speed (the embedded model makes about 10 on a laptop's CPU, fewer while "
+        "other replicas share it; FLUX.1-schnell about 4 to 9 on an H100): a higher one admits "
+        "work that can't finish in time.",
+    )
+    admission_speed_window_s: float = Field(
+        30,
+        gt=0,
+        description="Time constant of each replica's moving speed estimate: batches of about the "
+        "last this many seconds of pipeline time weigh most.",
+    )
+    admission_decode_calls: float = Field(
+        1.5,
+        ge=0,
+        description="Work of decoding one image, in transformer calls at its size.",
+    )
+    admission_image_overhead: float = Field(
+        0.05,
+        ge=0,
+        description="Work of one image that does not grow with its size (prompt encoding, "
+        "scheduling), in work units.",
+    )
     max_retries: int = Field(
         3, ge=0, le=10, description="Retries of work lost with a worker or scorer replica."
     )

@@ -21,7 +21,13 @@ from starlette.types import Scope
 
 from serve_app.api.auth import AuthenticationError
 from serve_app.api.openai.protocol import API_PREFIX, OpenAIErrorBody, OpenAIErrorEnvelope
-from serve_app.faults import InvalidParameter, Overloaded, RequestTimedOut, WorkerLost
+from serve_app.faults import (
+    InvalidParameter,
+    KeyAtCapacity,
+    Overloaded,
+    RequestTimedOut,
+    WorkerLost,
+)
 from serve_app.inputs.errors import InputFetchFailed
 from serve_app.jobs.store import IdempotencyConflict, JobFinished, JobNotFound, JobStoreUnavailable
 from serve_app.schemas import ErrorBody, ErrorEnvelope
@@ -45,6 +51,8 @@ def problem_for(error: Exception) -> Problem:
     """What a client is told about an error raised while serving its request."""
     if isinstance(error, StorageError):
         return Problem(503, "storage_error", f"storing the images failed: {error}")
+    if isinstance(error, KeyAtCapacity):
+        return Problem(429, "key_at_capacity", str(error))
     if isinstance(error, Overloaded):
         return Problem(503, "overloaded", str(error))
     if isinstance(error, RequestTimedOut):
@@ -91,7 +99,9 @@ def documented_errors(*, openai: bool) -> dict[int | str, dict[str, Any]]:
         400: invalid if openai else "The body could not be read as UTF-8 JSON.",
         401: "API keys are on and none valid was sent.",
         413: "The request body is too large.",
-        503: "Overloaded (see Retry-After), storage failed, or workers were lost.",
+        429: "The API key holds its whole share of the capacity (see Retry-After).",
+        503: "Overloaded: the request could not finish within its deadline behind the work "
+        "admitted (see Retry-After); or storage failed, or workers were lost.",
         504: "The request passed its deadline.",
     }
     fetch_failed = "An input image URL could not be fetched (timed out, unreachable, not a 2xx)."
@@ -143,7 +153,7 @@ async def _authentication_error(request: Request, error: Exception) -> JSONRespo
 
 def retry_after(status: int, seconds: int) -> dict[str, str]:
     """The Retry-After header for answers that a later retry may fix."""
-    return {"Retry-After": str(seconds)} if status == 503 else {}
+    return {"Retry-After": str(seconds)} if status in (429, 503) else {}
 
 
 def _dotted(location: tuple[int | str, ...]) -> str:
@@ -173,7 +183,8 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
 
 async def _mapped_error(request: Request, error: Exception) -> JSONResponse:
     problem = problem_for(error)
-    headers = retry_after(problem.status, request.app.state.retry_after_s)
+    estimated = error.retry_after_s if isinstance(error, Overloaded) else None
+    headers = retry_after(problem.status, estimated or request.app.state.retry_after_s)
     return problem_response(problem, api_path(request.scope), headers)
 
 

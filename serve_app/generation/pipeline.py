@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.generation.modes import ModePipelines, input_arguments, keep_unmasked
 from serve_app.generation.planning import SamplingJob
@@ -42,6 +42,8 @@ class RenderedImage(BaseModel):
 
     job: SamplingJob
     data: bytes
+    compute_s: float = Field(0.0, ge=0, description="Its share of its batch's pipeline seconds.")
+    worker: str = Field("", description="The worker that made it.")
 
 
 class FluxGenerator:

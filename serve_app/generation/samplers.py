@@ -21,6 +21,12 @@ class SamplerSpec:
     scheduler: str
     description: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    order: int = 1
+    """Model calls per step; a second-order step reuses the call that ends the step before."""
+
+    def model_calls(self, steps: int) -> int:
+        """Transformer calls this sampler makes for ``steps`` denoising steps."""
+        return self.order * steps - (self.order - 1)
 
 
 # DPM-Solver and UniPC default to noise prediction on a DDPM schedule; the flow settings switch them
@@ -35,7 +41,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
         "FlowMatchEulerDiscreteScheduler", "Euler on Karras sigmas.", {"use_karras_sigmas": True}
     ),
     "heun": SamplerSpec(
-        "FlowMatchHeunDiscreteScheduler", "Second-order Heun: two model calls per step."
+        "FlowMatchHeunDiscreteScheduler", "Second-order Heun: two model calls per step.", order=2
     ),
     "dpmpp_2m": SamplerSpec(
         "DPMSolverMultistepScheduler",

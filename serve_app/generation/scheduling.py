@@ -101,8 +101,10 @@ class RenderScheduler:
         max_batch_size: int,
         across_calls: bool,
         telemetry: Telemetry | None = None,
+        worker: str = "local",
     ) -> None:
         self.generator = generator
+        self._worker = worker
         self._max_batch_size = max_batch_size
         self._across_calls = across_calls
         self._telemetry = telemetry or NoTelemetry()
@@ -185,19 +187,22 @@ class RenderScheduler:
                 continue
             finally:
                 self._running = None
-            self._telemetry.stage_seconds("generation", time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self._telemetry.stage_seconds("generation", seconds)
             self._telemetry.images_generated(batch.jobs[0].params.sampler, len(batch.members))
-            delivery = asyncio.create_task(self._deliver(batch, images))
+            delivery = asyncio.create_task(self._deliver(batch, images, seconds))
             self._deliveries.add(delivery)  # the loop keeps only weak references to tasks
             delivery.add_done_callback(self._deliveries.discard)
 
-    async def _deliver(self, batch: _Batch, images: list[Any]) -> None:
-        """Encode a batch off the event loop while the next one samples, then hand it out."""
+    async def _deliver(self, batch: _Batch, images: list[Any], seconds: float) -> None:
+        """Encode a batch off the event loop while the next one samples, then hand it out, each
+        image with its share of the batch's time (its jobs cost the same: they share a key)."""
         by_call: dict[_Call, list[RenderedImage]] = {}
+        made = {"compute_s": seconds / len(batch.members), "worker": self._worker}
         try:
             rendered = await asyncio.to_thread(self.generator.encode, batch.jobs, images)
             for (call, _), image in zip(batch.members, rendered, strict=True):
-                by_call.setdefault(call, []).append(image)
+                by_call.setdefault(call, []).append(image.model_copy(update=made))
         except Exception as error:  # noqa: BLE001 - handed to the calls that wanted the batch
             self._hand_out(batch, error)
             return
