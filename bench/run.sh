@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Runs the throughput benchmark: bench/run.sh --preset small [--markdown PATH] [...]
+# or the jobs one: bench/run.sh jobs [--jobs 4] [--images 8] [...]
 #
 # As root it runs inside a private network namespace that has only loopback, so that the Ray
 # instance the benchmark starts keeps all its traffic on 127.0.0.1 (Ray otherwise picks a
@@ -7,13 +8,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=.venv/bin/python
+benchmark=bench.throughput
+if [[ ${1:-} == jobs ]]; then
+    benchmark=bench.jobs
+    shift
+fi
 
 if [[ $(id -u) -ne 0 ]]; then
-    exec "$python" -m bench.throughput "$@"
+    exec "$python" -m "$benchmark" "$@"
 fi
 
 namespace="flux-bench-$$"
 ip netns add "$namespace"
 trap 'ip netns delete "$namespace"' EXIT
 ip netns exec "$namespace" ip link set lo up
-ip netns exec "$namespace" "$python" -m bench.throughput "$@"
+ip netns exec "$namespace" "$python" -m "$benchmark" "$@"

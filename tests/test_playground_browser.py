@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from serve_app.settings import ServiceSettings
 from serve_app.storage.local import LocalImageStore
 
 from .conftest import ROOT, MakeService
+from .images import encode, gradient
 from .live_server import always_ready, serve_over_http
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -213,3 +215,46 @@ def test_the_playground_has_an_icon_that_needs_no_request(live_url: str, page: P
         icon,
     )
     assert drawn is True
+
+
+def test_an_image_dropped_on_the_page_is_repainted_at_the_chosen_strength(
+    live_url: str, page: Page
+) -> None:
+    page.goto(f"{live_url}/")
+    picture = base64.b64encode(encode(gradient(100, 70))).decode()
+    # A real drop: a DataTransfer holding a PNG file, dispatched on the drop zone.
+    page.locator("#image-drop").evaluate(
+        """(zone, data) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "picture.png", { type: "image/png" }));
+            zone.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true }));
+        }""",
+        picture,
+    )
+    expect(page.locator("#image-preview")).to_be_visible()
+    page.locator("#strength").evaluate(
+        "(slider) => { slider.value = '0.5'; slider.dispatchEvent(new Event('input')); }"
+    )
+    expect(page.locator("#strength-value")).to_have_text("0.5")
+    ask(page, "a red cat", nof_images="2")
+
+    page.wait_for_function(ALL_LOADED, arg=2)
+    screenshot(page, "playground-image")
+    captions = page.locator("#grid figcaption").all_inner_texts()
+    assert all("strength 0.5" in caption for caption in captions), captions
+    # Made at the input's size, rounded down to multiples of 16.
+    sizes = page.locator("#grid img").evaluate_all(
+        "images => images.map(i => [i.naturalWidth, i.naturalHeight])"
+    )
+    assert sizes == [[96, 64], [96, 64]]
+
+    # A mask of another size, chosen with the file picker: the service's refusal is shown.
+    page.set_input_files(
+        "#mask",
+        files=[{"name": "mask.png", "mimeType": "image/png", "buffer": encode(gradient(64, 64))}],
+    )
+    expect(page.locator("#mask-preview")).to_be_visible()
+    page.click("#submit")
+    expect(page.locator("#error")).to_contain_text("must be the same size")
+    expect(page.locator("#error")).to_contain_text("param: mask")

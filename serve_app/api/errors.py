@@ -22,20 +22,19 @@ from starlette.types import Scope
 
 from serve_app.api.auth import AuthenticationError
 from serve_app.api.openai.protocol import API_PREFIX, OpenAIErrorBody, OpenAIErrorEnvelope
-from serve_app.faults import Overloaded, RequestTimedOut, WorkerLost
+from serve_app.faults import (
+    InvalidParameter,
+    KeyAtCapacity,
+    Overloaded,
+    RequestTimedOut,
+    WorkerLost,
+)
+from serve_app.inputs.errors import InputFetchFailed
 from serve_app.jobs.store import IdempotencyConflict, JobFinished, JobNotFound, JobStoreUnavailable
 from serve_app.schemas import ErrorBody, ErrorEnvelope
 from serve_app.storage.base import StorageError
 
 logger = logging.getLogger(__name__)
-
-
-class InvalidParameter(ValueError):
-    """A request field that passed the schema but can't be served; a 422 naming ``param``."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)
@@ -53,6 +52,8 @@ def problem_for(error: Exception) -> Problem:
     """What a client is told about an error raised while serving its request."""
     if isinstance(error, StorageError):
         return Problem(503, "storage_error", f"storing the images failed: {error}")
+    if isinstance(error, KeyAtCapacity):
+        return Problem(429, "key_at_capacity", str(error))
     if isinstance(error, Overloaded):
         return Problem(503, "overloaded", str(error))
     if isinstance(error, RequestTimedOut):
@@ -61,6 +62,8 @@ def problem_for(error: Exception) -> Problem:
         return Problem(503, "worker_lost", f"{error}; retries were exhausted")
     if isinstance(error, JobStoreUnavailable):
         return Problem(503, "broker_unavailable", str(error))
+    if isinstance(error, InputFetchFailed):
+        return Problem(424, "input_fetch_failed", str(error), error.param)
     if isinstance(error, InvalidParameter):
         return Problem(422, "invalid_request", str(error), error.param)
     if isinstance(error, JobNotFound):
@@ -97,11 +100,16 @@ def documented_errors(*, openai: bool) -> dict[int | str, dict[str, Any]]:
         400: invalid if openai else "The body could not be read as UTF-8 JSON.",
         401: "API keys are on and none valid was sent.",
         413: "The request body is too large.",
-        503: "Overloaded (see Retry-After), storage failed, or workers were lost.",
+        429: "The API key holds its whole share of the capacity (see Retry-After).",
+        503: "Overloaded: the request could not finish within its deadline behind the work "
+        "admitted (see Retry-After); or storage failed, or workers were lost.",
         504: "The request passed its deadline.",
     }
+    fetch_failed = "An input image URL could not be fetched (timed out, unreachable, not a 2xx)."
     # Under /v1 every invalid request is a 400; listing 4XX also keeps FastAPI from adding a 422.
-    answers.update({"4XX": "Any other client error."} if openai else {422: invalid})
+    answers.update(
+        {"4XX": "Any other client error."} if openai else {422: invalid, 424: fetch_failed}
+    )
     envelope = OpenAIErrorEnvelope if openai else ErrorEnvelope
     return {status: {"model": envelope, "description": text} for status, text in answers.items()}
 
@@ -146,7 +154,7 @@ async def _authentication_error(request: Request, error: Exception) -> JSONRespo
 
 def retry_after(status: int, seconds: int) -> dict[str, str]:
     """The Retry-After header for answers that a later retry may fix."""
-    return {"Retry-After": str(seconds)} if status == 503 else {}
+    return {"Retry-After": str(seconds)} if status in (429, 503) else {}
 
 
 def _dotted(location: tuple[int | str, ...]) -> str:
@@ -210,7 +218,8 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
 
 async def _mapped_error(request: Request, error: Exception) -> JSONResponse:
     problem = problem_for(error)
-    headers = retry_after(problem.status, request.app.state.retry_after_s)
+    estimated = error.retry_after_s if isinstance(error, Overloaded) else None
+    headers = retry_after(problem.status, estimated or request.app.state.retry_after_s)
     return problem_response(problem, api_path(request.scope), headers)
 
 
@@ -226,6 +235,7 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         Overloaded,
         RequestTimedOut,
         WorkerLost,
+        InputFetchFailed,
         JobStoreUnavailable,
         InvalidParameter,
         JobNotFound,

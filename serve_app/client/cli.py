@@ -24,6 +24,7 @@ from serve_app.client.flux_client import (
     FluxError,
     FluxTimeoutError,
 )
+from serve_app.client.images import image_source
 from serve_app.jobs.schemas import Job, JobRequest
 from serve_app.models.sources import quiet_progress_bars
 from serve_app.models.tiny import TINY_CLIP_NAME, TINY_FLUX_NAME, ensure_tiny_model
@@ -279,6 +280,9 @@ def _fields(arguments: argparse.Namespace) -> dict[str, Any]:
         "top_k": arguments.top_k,
         "width": arguments.width,
         "height": arguments.height,
+        "image": arguments.image,
+        "mask": arguments.mask,
+        "strength": arguments.strength,
         "negative_prompt": arguments.negative_prompt,
         "base_seed": arguments.base_seed,
         "diversity": Diversity.model_construct(**diversity) if diversity else None,
@@ -298,6 +302,13 @@ def _comma_list(parse: Callable[[str], Any]) -> Callable[[str], list[Any]]:
             raise argparse.ArgumentTypeError(f"{text!r}: {error}") from error
 
     return parse_list
+
+
+def _image_argument(text: str) -> str:
+    try:
+        return image_source(text)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error.strerror or error}") from error
 
 
 def _service_url(text: str) -> str:
@@ -368,6 +379,25 @@ def _request_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--height", metavar="PX", type=int, help="Height in pixels, a multiple of 16."
+    )
+    parser.add_argument(
+        "--image",
+        metavar="FILE",
+        type=_image_argument,
+        help="Input image for image-to-image (PNG, JPEG or WebP; or an https:// URL the "
+        "service may fetch).",
+    )
+    parser.add_argument(
+        "--mask",
+        metavar="FILE",
+        type=_image_argument,
+        help="Inpainting mask of the image's size: white is repainted, black kept.",
+    )
+    parser.add_argument(
+        "--strength",
+        metavar="S",
+        type=float,
+        help="How much of the image is repainted, in (0, 1] (default 0.8).",
     )
     parser.add_argument(
         "--negative-prompt", metavar="TEXT", help="What to steer away from (cfg above 1)."

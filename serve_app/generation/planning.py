@@ -9,6 +9,7 @@ import secrets
 from pydantic import BaseModel, ConfigDict
 
 from serve_app.generation.profiles import ModelProfile
+from serve_app.inputs.fitting import RequestInputs
 from serve_app.schemas import MAX_SEED, GenerateRequest, SamplingParams, SeedMode
 from serve_app.settings import ImageFormat, ServiceSettings
 
@@ -27,9 +28,9 @@ class SamplingJob(BaseModel):
 
     def batch_key(self) -> tuple[object, ...]:
         """Jobs with equal keys can share one pipeline call, whichever request they come from:
-        prompts, negative prompts and seeds go into a pipeline call one per image."""
+        prompts, negative prompts, seeds and input images go into a pipeline call one per image."""
         p = self.params
-        return (p.sampler, p.steps, p.cfg_scale, p.width, p.height)
+        return (p.sampler, p.steps, p.cfg_scale, p.width, p.height, p.mode, p.strength)
 
 
 def spread(combinations: int, count: int) -> list[int]:
@@ -57,8 +58,13 @@ def seed_for(mode: SeedMode, base_seed: int, index: int) -> int:
     return secrets.randbelow(MAX_SEED + 1)
 
 
-def plan_jobs(request: GenerateRequest, settings: ServiceSettings) -> list[SamplingJob]:
-    """The jobs of ``request``, one per image, in a deterministic order."""
+def plan_jobs(
+    request: GenerateRequest, settings: ServiceSettings, inputs: RequestInputs | None = None
+) -> list[SamplingJob]:
+    """The jobs of ``request``, one per image, in a deterministic order; a request with an image
+    needs its ``inputs`` read (serve_app/inputs/), which also decide the size."""
+    if (request.image is None) != (inputs is None):
+        raise ValueError("plan_jobs takes the inputs of a request with an image, and only then")
     native: ModelProfile = settings.native
     diversity = request.diversity
     combinations = list(
@@ -69,8 +75,12 @@ def plan_jobs(request: GenerateRequest, settings: ServiceSettings) -> list[Sampl
         )
     )
     base_seed = request.base_seed or 0
-    width = request.width or settings.default_width
-    height = request.height or settings.default_height
+    if inputs is not None:
+        (width, height), from_inputs = inputs.size, inputs.sampling_fields()
+    else:
+        width = request.width or settings.default_width
+        height = request.height or settings.default_height
+        from_inputs = {}
     jobs = []
     for index, choice in enumerate(spread(len(combinations), request.nof_images)):
         sampler, steps, cfg_scale = combinations[choice]
@@ -81,6 +91,7 @@ def plan_jobs(request: GenerateRequest, settings: ServiceSettings) -> list[Sampl
             seed=seed_for(diversity.seeds, base_seed, index),
             width=width,
             height=height,
+            **from_inputs,
         )
         jobs.append(
             SamplingJob(
