@@ -214,7 +214,8 @@ class GenerateRequest(_NullMeansDefault):
     )
     top_k: ImageCount | None = Field(
         None,
-        description="Return only the K best images by score, best first (at most nof_images).",
+        description="Return only the K best images by score, best first (at most nof_images). "
+        "Unset: every image, in index order.",
         examples=[4],
     )
     width: ImageSide | None = Field(
@@ -287,14 +288,19 @@ _WHY_AN_IMAGE = {
 
 
 class SamplingParams(BaseModel):
-    """The exact settings that made one image; re-running them reproduces its pixels."""
+    """The exact settings that made one image.
+
+    Sent back with the same prompt (base_seed = seed, seeds 'fixed'), they make the image again:
+    bit-identical when it is made the same way (alone, or in a batch of the same jobs), else each
+    pixel value within 1 of 255 on the CPU (batches sum their floats in another order).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     sampler: str = Field(description="Sampler name.")
     steps: int = Field(description="Denoising steps.")
     cfg_scale: float = Field(description="Guidance scale (1 = none).")
-    seed: int = Field(description="Seed of the initial noise.")
+    seed: int = Field(description="Seed of the image's noise.")
     width: int = Field(description="Width in pixels.")
     height: int = Field(description="Height in pixels.")
     strength: float | None = Field(
@@ -334,7 +340,9 @@ class GenerateResponse(BaseModel):
     request_id: str = Field(description="Identifier of the request; part of every image's key.")
     prompt: str
     count: int = Field(description="Number of images returned.")
-    images: list[GeneratedImage]
+    images: list[GeneratedImage] = Field(
+        description="In index order; with top_k, the K best by score, best first."
+    )
     latency_ms: int = Field(description="Time from receiving the request to the answer.")
 
 

@@ -19,6 +19,11 @@ def mean_abs_difference(a: bytes, b: bytes) -> float:
     return float(np.abs(pixels(a) - pixels(b)).mean())
 
 
+def max_abs_difference(a: bytes, b: bytes) -> int:
+    """The largest difference of any pixel value of two encoded images, in 0..255 units."""
+    return int(np.abs(pixels(a) - pixels(b)).max())
+
+
 def encode(image: Image.Image, image_format: str = "PNG", **options: object) -> bytes:
     """``image`` encoded as ``image_format``."""
     buffer = io.BytesIO()

@@ -8,6 +8,7 @@ their own typed errors.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -162,16 +163,50 @@ def _dotted(location: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in parts)
 
 
+def _is_json(content_type: str) -> bool:
+    # What FastAPI parses as JSON: application/json and application/*+json.
+    media_type = content_type.split(";")[0].strip().lower()
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+
+
+def _body_problem(problem: dict[str, Any], content_type: str, body: Any) -> str | None:
+    """What is wrong with the body as a whole, in words a client acts on; None for a field."""
+    location = tuple(problem["loc"])
+    if problem["type"] == "json_invalid":
+        # FastAPI keeps only the decoder's message and offset: say where, as the decoder would.
+        reason, offset = problem["ctx"]["error"], location[-1]
+        if isinstance(body, str) and isinstance(offset, int):
+            decoded = json.JSONDecodeError(reason, body, offset)
+            return (
+                f"the body is not valid JSON: {reason} at line {decoded.lineno} "
+                f"column {decoded.colno}"
+            )
+        return f"the body is not valid JSON: {reason}"
+    if location != ("body",):
+        return None
+    # Without a JSON content type FastAPI hands the model the raw bytes, whatever they hold.
+    if not _is_json(content_type):
+        return "send the body as JSON with content-type: application/json"
+    if problem["type"] == "missing":
+        return "the body is empty; send a JSON object"
+    return "the body must be a JSON object"
+
+
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
     problems = error.errors()
     first = problems[0]
-    message = "; ".join(
-        f"{_dotted(problem['loc']) or 'body'}: {problem['msg']}" for problem in problems
-    )
-    problem = Problem(
-        422, "invalid_request", message, _dotted(first["loc"]) or None, code=first["type"]
-    )
+    whole_body = _body_problem(first, request.headers.get("content-type", ""), error.body)
+    if whole_body is not None:
+        message, param = whole_body, None
+    else:
+        message = "; ".join(
+            f"{_dotted(problem['loc']) or 'body'}: {problem['msg']}" for problem in problems
+        )
+        param = _dotted(first["loc"]) or None
+    problem = Problem(422, "invalid_request", message, param, code=first["type"])
     return problem_response(problem, api_path(request.scope))
 
 

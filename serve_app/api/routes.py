@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
@@ -95,10 +96,13 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI application of the ingress; ``echo_request_id`` puts X-Request-Id on every
     response (leave it to a proxy that does so already); with ``jobs``, ``/jobs`` too."""
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI and ReDoc from the service itself, not from a CDN, so that
+    # they work on a cluster without internet; Swagger UI's online validator is off.
+    app = FastAPIOffline(
         title="flux-serve",
         summary="Text to images with FLUX.1, ranked and stored.",
         version="0.1.0",
+        swagger_ui_parameters={"validatorUrl": None},
     )
     settings = service.settings
     install_error_handlers(app, settings.retry_after_s)

@@ -26,6 +26,7 @@ from serve_app.client.flux_client import (
 )
 from serve_app.client.images import image_source
 from serve_app.jobs.schemas import Job, JobRequest
+from serve_app.models.sources import quiet_progress_bars
 from serve_app.models.tiny import TINY_CLIP_NAME, TINY_FLUX_NAME, ensure_tiny_model
 from serve_app.schemas import Diversity, GeneratedImage, GenerateRequest, SeedMode
 from serve_app.settings import get_settings
@@ -59,6 +60,7 @@ _PIPED_WIDTH = 1000
 
 def build_tiny_models(cache_dir: Path) -> None:
     """Build the embedded tiny FLUX and CLIP into ``cache_dir`` (kept if already there)."""
+    quiet_progress_bars()  # the folders go to stdout; a bar per saved file is noise on stderr
     for name in (TINY_FLUX_NAME, TINY_CLIP_NAME):
         print(ensure_tiny_model(name, cache_dir))
 

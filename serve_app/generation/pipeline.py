@@ -17,6 +17,7 @@ from serve_app.generation.samplers import make_scheduler
 from serve_app.generation.speedups import apply_speedups, compile_pipeline
 from serve_app.generation.threads import apply_torch_threads
 from serve_app.inputs.pixels import RenderInputs
+from serve_app.models.image_processors import use_pil_image_processors
 from serve_app.models.sources import (
     quiet_progress_bars,
     resolve_source,
@@ -53,6 +54,7 @@ class FluxGenerator:
         """Load ``settings.model``, or take ``pipeline``, a FluxPipeline already on the device
         in its dtype (the GPU benchmark builds one with random weights in place)."""
         quiet_torchao_import()
+        use_pil_image_processors()
         from diffusers import FluxPipeline
 
         quiet_progress_bars()
@@ -175,7 +177,9 @@ class FluxGenerator:
 
         pipeline = self.modes[mode]
         with torch.inference_mode():
-            pipeline.scheduler = make_scheduler(sampler, self._scheduler_config)
+            pipeline.scheduler = make_scheduler(
+                sampler, self._scheduler_config, arguments["generator"]
+            )
             return pipeline(**arguments, callback_on_step_end=stop_when_cancelled).images
 
     def sample(

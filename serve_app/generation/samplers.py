@@ -70,6 +70,9 @@ _OWN_SIGMAS = {
     "DPMSolverMultistepScheduler",
     "DPMSolverSinglestepScheduler",
 }
+# Schedulers that add noise at each step. FluxPipeline passes no generator to their ``step``,
+# which then draws from torch's global random state: no image could be made again from its seed.
+_NOISE_AS_THEY_GO = {"FlowMatchLCMScheduler"}
 
 
 @cache
@@ -79,7 +82,8 @@ def _scheduler_class(name: str) -> type:
     base: type = getattr(diffusers, name)
     own_sigmas = name in _OWN_SIGMAS
     noises_like_flow_match = hasattr(base, "scale_noise")
-    if not own_sigmas and noises_like_flow_match:
+    noise_as_it_goes = name in _NOISE_AS_THEY_GO
+    if not own_sigmas and noises_like_flow_match and not noise_as_it_goes:
         return base
     parameters = inspect.signature(base.set_timesteps).parameters  # type: ignore[attr-defined]
     takes_mu = "mu" in parameters
@@ -87,7 +91,10 @@ def _scheduler_class(name: str) -> type:
     class ForFlux(base):  # type: ignore[misc]
         """The scheduler as every FLUX pipeline drives it: its set_timesteps takes the pipeline's
         `sigmas` and `mu` (keeping its own sigmas where it makes them), and it noises an input
-        image with FlowMatch's `scale_noise`, which image-to-image and inpainting call."""
+        image with FlowMatch's `scale_noise`, which image-to-image and inpainting call. One
+        that adds noise as it goes draws it from each image's own generator."""
+
+        generators: list[Any] | None = None
 
         if own_sigmas:
 
@@ -108,19 +115,41 @@ def _scheduler_class(name: str) -> type:
                 # On flow sigmas add_noise is the same forward process: (1 - s) x + s noise.
                 return self.add_noise(sample, noise, timestep)
 
+        if noise_as_it_goes:
+
+            def step(
+                self,
+                model_output: Any,
+                timestep: Any,
+                sample: Any,
+                generator: Any = None,
+                return_dict: bool = True,
+            ) -> Any:
+                own = self.generators if generator is None else generator
+                return super().step(model_output, timestep, sample, own, return_dict)
+
     ForFlux.__name__ = ForFlux.__qualname__ = f"{base.__name__}ForFlux"
     return ForFlux
 
 
-def make_scheduler(sampler: str, base_config: dict[str, Any]) -> Any:
-    """A fresh scheduler for ``sampler`` from the model's own scheduler configuration."""
+def make_scheduler(
+    sampler: str, base_config: dict[str, Any], generators: list[Any] | None = None
+) -> Any:
+    """A fresh scheduler for ``sampler`` from the model's own scheduler configuration.
+
+    ``generators`` (one per image of the batch, those that drew its initial noise) feed the
+    samplers that add noise as they go, so that each image depends on its own seed alone.
+    """
     spec = SAMPLERS[sampler]
     cls = _scheduler_class(spec.scheduler)
     # Keep only what this class takes: diffusers' bookkeeping keys (such as _use_default_values)
     # would otherwise make it drop our overrides, and foreign keys only produce warnings.
     accepted = cls._get_init_keys(cls)  # type: ignore[attr-defined]
     config = {key: value for key, value in base_config.items() if key in accepted}
-    return cls(**{**config, **spec.overrides})
+    scheduler = cls(**{**config, **spec.overrides})
+    if hasattr(scheduler, "generators"):
+        scheduler.generators = generators
+    return scheduler
 
 
 def denoising_steps(steps: int, strength: float) -> int:
