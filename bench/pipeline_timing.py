@@ -12,19 +12,22 @@ from bench.stats import median
 from bench.workload import Workload
 from serve_app.generation.pipeline import FluxGenerator
 from serve_app.generation.planning import SamplingJob
+from serve_app.inputs.pixels import RenderInputs
 from serve_app.settings import ServiceSettings
 
 
 class PipelineTimer:
-    """Makes a workload's images with the pipeline alone: no encoding, scoring or storage."""
+    """Makes a workload's images with the pipeline alone: no encoding, scoring or storage; from
+    ``inputs`` where its jobs name input images."""
 
-    def __init__(self, generator: FluxGenerator) -> None:
+    def __init__(self, generator: FluxGenerator, inputs: RenderInputs | None = None) -> None:
         self.generator = generator
+        self.inputs = inputs
 
     def call(self, batch: list[SamplingJob]) -> None:
         """One pipeline call, exactly as a FluxWorker makes it (its images come back as PIL
         images, so the GPU has finished when it returns)."""
-        self.generator.sample(batch)
+        self.generator.sample(batch, inputs=self.inputs)
 
     def pass_seconds(self, jobs: list[SamplingJob], batch_size: int) -> float:
         """Seconds to make every job, ``batch_size`` images per call (1: a loop over images)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.image_timing import ImageInputFigures
 from bench.service_timing import ServiceFigures
 from bench.speedup_timing import SpeedupFigures
 from bench.workload import Workload
@@ -28,6 +29,9 @@ class Target:
 BATCHED = "batched / per-image"
 FIRST_IMAGE = "first image / latency (p50)"
 SHARED = "shared / own batches"
+IMAGE_TO_IMAGE = "image-to-image / text-to-image"
+# It runs fewer denoising steps, so it should be faster, whatever the preset.
+IMAGE_TO_IMAGE_TARGET = Target(1.0)
 
 # The throughput issue's targets, per preset, for this repository's 2-core CPU machines.
 TARGETS: dict[str, dict[str, Target]] = {
@@ -86,6 +90,7 @@ class Results:
     service_batch_size: int | None = None
     sharing: SharingFigures | None = None
     speedups: list[SpeedupFigures] = field(default_factory=list)
+    image_inputs: ImageInputFigures | None = None
     machine: str = ""
     """How busy the host was when the run began: on a shared machine the figures vary."""
 
@@ -115,6 +120,10 @@ class Results:
                 f"{SHARED}, {self.sharing.images_per_request}-image requests c{shared.concurrency}"
             )
             found.append(Ratio(name, shared.images_per_s / own.images_per_s))
+        if image := self.image_inputs:
+            value = image.image_images_per_s / image.text_images_per_s
+            name = f"{IMAGE_TO_IMAGE}, strength {image.strength:g}"
+            found.append(Ratio(name, value, IMAGE_TO_IMAGE_TARGET))
         return found
 
 
@@ -169,6 +178,19 @@ def measurements_table(results: Results) -> Table:
             notes.append("floor")
         label = f"raw pipeline, batch {size}" + (f" ({'; '.join(notes)})" if notes else "")
         rows.append([label, f"{rate:.2f}", "", "", "", ""])
+    if image := results.image_inputs:
+        steps = results.workload.steps
+        both = [
+            ("text-to-image", image.text_images_per_s),
+            (
+                f"image-to-image at strength {image.strength:g} "
+                f"({image.steps_run} of {steps} steps)",
+                image.image_images_per_s,
+            ),
+        ]
+        for mode, rate in both:
+            label = f"raw pipeline, batch {image.batch_size}, {mode}, in turns"
+            rows.append([label, f"{rate:.2f}", "", "", "", ""])
     service = [
         (f"service, concurrency {figures.concurrency}", figures) for figures in results.service
     ]
@@ -266,6 +288,12 @@ def summary(results: Results) -> str:
             "is the mean absolute difference from the plain pipeline's images, in 0..255 units; "
             "'warm-up' is the first call of each shape, where compiling happens."
             if results.speedups
+            else ""
+        )
+        + (
+            " 'In turns': text-to-image and image-to-image (from a "
+            f"{work.size}x{work.size} input, whose VAE encoding it includes) timed alternately."
+            if results.image_inputs
             else ""
         )
         + (f" Machine: {results.machine}." if results.machine else "")

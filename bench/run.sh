@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the throughput benchmark: bench/run.sh --preset small [--markdown PATH] [...]
 # or the LoRA one: bench/run.sh loras --preset small [...]
+# or the jobs one: bench/run.sh jobs [--jobs 4] [--images 8] [...]
 #
 # As root it runs inside a private network namespace that has only loopback, so that the Ray
 # instance the benchmark starts keeps all its traffic on 127.0.0.1 (Ray otherwise picks a
@@ -9,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python=.venv/bin/python
 benchmark=bench.throughput
-if [[ ${1:-} == loras ]]; then
-    benchmark=bench.loras
+if [[ ${1:-} == loras || ${1:-} == jobs ]]; then
+    benchmark=bench.$1
     shift
 fi
 

@@ -10,7 +10,9 @@
    the arrival of the first streamed image;
 3. many small requests at once, on workers that share batches across requests and, deployed
    again, on workers that give each request batches of its own;
-4. with --speedups, the raw pipeline with each speed-up setting alone and all together, then
+4. the raw pipeline at its best batch size making the workload from an input image (at
+   --image-strength) and from the prompt alone, in turns: images/s of each and their ratio;
+5. with --speedups, the raw pipeline with each speed-up setting alone and all together, then
    with each quantization mode on top (int8 weight-only; fp8 where the GPU has it): the latency
    of one image, images/s, and how far the images move from the plain pipeline's.
 
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 
 from bench.cluster import RunningService, ServiceSetup, private_redis, running_service
+from bench.image_timing import measure_image_inputs
 from bench.pipeline_timing import measure_pipeline
 from bench.presets import PRESETS, ensure_preset, runnable_preset
 from bench.report import (
@@ -92,6 +95,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=int,
         default=8,
         help="requests each client sends per repeat in the shared-batches comparison",
+    )
+    parser.add_argument(
+        "--image-strength",
+        type=float,
+        default=0.5,
+        help="strength of the image-to-image measurement (0: leave it out)",
     )
     parser.add_argument(
         "--speedups", action="store_true", help="also time each speed-up setting (slow to compile)"
@@ -158,6 +167,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("raw pipeline: batch sizes %s, %d repeats", args.batch_sizes, args.repeats)
     batch_rates = measure_pipeline(settings, workload, args.batch_sizes, args.repeats)
     best = best_batch_size(batch_rates)
+    image_inputs = None
+    if args.image_strength:
+        logger.info("image-to-image at strength %g against text-to-image", args.image_strength)
+        image_inputs = measure_image_inputs(
+            settings, workload, best, args.repeats, args.image_strength
+        )
     threads = f", {torch.get_num_threads()} torch threads" if device.type == "cpu" else ""
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
 
@@ -215,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         service_batch_size=best,
         sharing=sharing,
         speedups=speedups,
+        image_inputs=image_inputs,
         machine=machine,
     )
     publish(to_text(results), to_markdown(results), args.markdown)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Any
 
 from serve_app.generation.planning import SamplingJob, plan_jobs
+from serve_app.inputs.pixels import RenderInputs
+from serve_app.inputs.reading import read_uploaded
 from serve_app.schemas import GenerateRequest
 from serve_app.settings import ServiceSettings
 
@@ -35,3 +38,16 @@ class Workload:
         """The sampling jobs the service plans for this request: same prompts, seeds and sizes."""
         request = GenerateRequest.model_validate(self.request_body(stream=False))
         return plan_jobs(request, settings)
+
+    def image_jobs(
+        self, settings: ServiceSettings, picture: bytes, strength: float
+    ) -> tuple[list[SamplingJob], RenderInputs]:
+        """The jobs of this request made from the input image ``picture`` at ``strength``, as
+        the service plans them, and the input pixels their render call carries."""
+        image = f"data:image/png;base64,{base64.b64encode(picture).decode()}"
+        body = {**self.request_body(stream=False), "image": image, "strength": strength}
+        inputs = read_uploaded(
+            picture, None, settings, width=self.size, height=self.size, strength=strength
+        )
+        request = GenerateRequest.model_validate(body)
+        return plan_jobs(request, settings, inputs), inputs.render_inputs()

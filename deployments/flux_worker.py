@@ -6,6 +6,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 
+import ray
 import torch
 from ray import serve
 
@@ -14,6 +15,7 @@ from deployments.telemetry import RayTelemetry
 from serve_app.generation.pipeline import FluxGenerator, RenderedImage
 from serve_app.generation.planning import SamplingJob
 from serve_app.generation.scheduling import RenderScheduler
+from serve_app.inputs.pixels import RenderInputs
 from serve_app.settings import get_settings
 
 
@@ -39,11 +41,15 @@ class FluxWorker:
             max_batch_size=settings.max_batch_size,
             across_calls=settings.batch_across_requests,
             telemetry=telemetry,
+            worker=serve.get_replica_context().replica_id.unique_id,
         )
 
-    async def render(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
-        """Yield each group of images as soon as its batch is made."""
-        async for batch in self.scheduler.render(jobs):
+    async def render(
+        self, jobs: list[SamplingJob], inputs: RenderInputs | None = None
+    ) -> AsyncIterator[list[RenderedImage]]:
+        """Yield each group of images as soon as its batch is made; ``inputs`` carries the
+        input images the jobs name, once for the whole call."""
+        async for batch in self.scheduler.render(jobs, inputs):
             yield batch
 
     def record_routing_stats(self) -> dict[str, list[str]]:
@@ -56,10 +62,11 @@ class FluxWorker:
         await asyncio.to_thread(self.generator.check)
 
     def placement(self) -> dict[str, str]:
-        """Which accelerator this replica was given, which device it computes on, and with how
-        many torch threads."""
+        """Which node and accelerator this replica was given, which device it computes on, and
+        with how many torch threads."""
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
+            "node_id": ray.get_runtime_context().get_node_id(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             "device": str(self.generator.device),
             "torch_threads": str(torch.get_num_threads()),

@@ -15,6 +15,7 @@ from serve_app.generation.adapter_library import AdapterRefused
 from serve_app.generation.adapter_sources import LibraryUnavailable
 from serve_app.generation.pipeline import RenderedImage
 from serve_app.generation.planning import SamplingJob
+from serve_app.inputs.pixels import RenderInputs
 from serve_app.service import GenerationService
 from serve_app.settings import ServiceSettings
 from serve_app.storage.base import ImageStore
@@ -48,9 +49,11 @@ def generation_service(
     """A GenerationService whose render calls go to FluxWorker and scoring calls to Scorer."""
     streaming = worker.options(stream=True)
 
-    async def render(jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
+    async def render(
+        jobs: list[SamplingJob], inputs: RenderInputs
+    ) -> AsyncIterator[list[RenderedImage]]:
         with replica_faults("FluxWorker"):
-            async for batch in streaming.render.remote(jobs):
+            async for batch in streaming.render.remote(jobs, inputs):
                 yield batch
 
     async def score(prompt: str, images: list[bytes]) -> list[float]:

@@ -64,7 +64,8 @@ class _JobConsumer:
         """One delivery of a job's task."""
         outcome = asyncio.run_coroutine_threadsafe(self.runner.run(job_id), self._loop).result()
         if outcome == "handed_back":
-            # Back to the head of the queue, for the next replica (or this application's restart).
+            # The runner could not queue the job again itself: Celery's requeue is the fallback
+            # (and, should that be lost too, the redelivery timeout).
             raise Reject(f"job {job_id} handed back: the replica is stopping", requeue=True)
         return outcome
 
@@ -75,7 +76,7 @@ class JobRunner(_JobConsumer):
 
     def __del__(self) -> None:
         # Before Ray stops the Celery worker, which waits for the running tasks: they end at
-        # their next tick, their jobs requeued with the images stored so far.
+        # their next tick and queue their jobs again, with the images stored so far.
         self.runner.hand_back()
         super().__del__()  # type: ignore[misc]  # the consumer's, which stops Celery
 

@@ -78,6 +78,12 @@ Prompt = Annotated[
 ImageCount = Annotated[int, Field(ge=1, le=_limits.max_images), _INTEGRAL]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED), _INTEGRAL]
 ImageQuality = Annotated[int, Field(ge=0, le=100), _INTEGRAL]
+# What the pattern admits is read in serve_app/inputs/, which names the field for what it refuses.
+InputImageSource = Annotated[
+    str, StringConstraints(max_length=_limits.max_data_url_chars, pattern=r"^(data:|https://)")
+]
+Mode = Literal["text-to-image", "image-to-image", "inpainting"]
+DEFAULT_STRENGTH = 0.8
 
 
 # An adapter's name is the stem of a file in the deployment's library: never a path or a URL.
@@ -238,7 +244,8 @@ class GenerateRequest(_NullMeansDefault):
     )
     top_k: ImageCount | None = Field(
         None,
-        description="Return only the K best images by score, best first (at most nof_images).",
+        description="Return only the K best images by score, best first (at most nof_images). "
+        "Unset: every image, in index order.",
         examples=[4],
     )
     width: ImageSide | None = Field(
@@ -246,6 +253,27 @@ class GenerateRequest(_NullMeansDefault):
     )
     height: ImageSide | None = Field(
         None, description="Image height in pixels, a multiple of 16.", examples=[1024]
+    )
+    image: InputImageSource | None = Field(
+        None,
+        description="Input image, for image-to-image (or inpainting, with mask): a data: URL "
+        "of a base64 PNG, JPEG or WebP, or an https:// URL of a host on the service's allow-list. "
+        "Fitted to width x height by resizing it to cover them and cropping the centre; unset "
+        "width and height take its size, rounded down to multiples of 16 within the bounds.",
+        examples=["data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAA..."],
+    )
+    mask: InputImageSource | None = Field(
+        None,
+        description="Inpainting mask, as image takes it and of the same size: white is "
+        "repainted, black kept as it is in the input (grey blends the two).",
+        examples=["data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAA..."],
+    )
+    strength: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        DEFAULT_STRENGTH,
+        description="With an image: how much of it is repainted. A run makes the last "
+        "steps x strength of its steps (to the nearest, at least one): 1 starts from pure noise "
+        "and ignores the input (except for inpainting's kept part).",
+        examples=[0.6],
     )
     negative_prompt: str | None = Field(
         None,
@@ -277,21 +305,62 @@ class GenerateRequest(_NullMeansDefault):
             )
         return top_k
 
+    @field_validator("mask", "strength")
+    @classmethod
+    def _needs_an_image(cls, value: object, info: ValidationInfo) -> object:
+        # Runs only on what the client sent; an image that failed validation has its own error.
+        if "image" in info.data and info.data["image"] is None:
+            raise PydanticCustomError(
+                "image_missing",
+                "{field} needs an image: {why}",
+                {"field": info.field_name, "why": _WHY_AN_IMAGE[str(info.field_name)]},
+            )
+        return value
+
+
+_WHY_AN_IMAGE = {
+    "mask": "it marks which part of the image to repaint",
+    "strength": "it is how much of the image is repainted",
+}
+
 
 class SamplingParams(BaseModel):
-    """The exact settings that made one image; re-running them reproduces its pixels."""
+    """The exact settings that made one image.
+
+    Sent back with the same prompt (base_seed = seed, seeds 'fixed'), they make the image again:
+    bit-identical when it is made the same way (alone, or in a batch of the same jobs), else each
+    pixel value within 1 of 255 on the CPU (batches sum their floats in another order).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     sampler: str = Field(description="Sampler name.")
     steps: int = Field(description="Denoising steps.")
     cfg_scale: float = Field(description="Guidance scale (1 = none).")
-    seed: int = Field(description="Seed of the initial noise.")
+    seed: int = Field(description="Seed of the image's noise.")
     width: int = Field(description="Width in pixels.")
     height: int = Field(description="Height in pixels.")
     loras: tuple[Lora, ...] = Field(
         (), description="The LoRA adapters applied, each with the digest of its file."
     )
+    strength: float | None = Field(
+        None, description="How much of the input image was repainted; none for text-to-image."
+    )
+    image_digest: str | None = Field(
+        None,
+        description="'sha256:' and the hex SHA-256 of the input image's bytes, as sent or "
+        "fetched (the image itself is not echoed); none for text-to-image.",
+    )
+    mask_digest: str | None = Field(
+        None, description="'sha256:' and the hex SHA-256 of the mask's bytes; none without one."
+    )
+
+    @property
+    def mode(self) -> Mode:
+        """What the image was made from: a prompt alone, an input image, or one and a mask."""
+        if self.image_digest is None:
+            return "text-to-image"
+        return "image-to-image" if self.mask_digest is None else "inpainting"
 
 
 class GeneratedImage(BaseModel):
@@ -311,7 +380,9 @@ class GenerateResponse(BaseModel):
     request_id: str = Field(description="Identifier of the request; part of every image's key.")
     prompt: str
     count: int = Field(description="Number of images returned.")
-    images: list[GeneratedImage]
+    images: list[GeneratedImage] = Field(
+        description="In index order; with top_k, the K best by score, best first."
+    )
     latency_ms: int = Field(description="Time from receiving the request to the answer.")
 
 

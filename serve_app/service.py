@@ -7,6 +7,7 @@ in-process models in the fast tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -19,6 +20,9 @@ from serve_app.faults import WorkerLost
 from serve_app.generation.adapter_library import AdapterLibrary
 from serve_app.generation.pipeline import RenderedImage
 from serve_app.generation.planning import SamplingJob, plan_jobs, shard
+from serve_app.inputs.fitting import RequestInputs
+from serve_app.inputs.pixels import RenderInputs
+from serve_app.inputs.reading import read_inputs
 from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse, Lora
 from serve_app.settings import ServiceSettings
 from serve_app.storage.base import ImageStore, StorageError, image_key
@@ -29,11 +33,23 @@ logger = logging.getLogger(__name__)
 
 RequestT = TypeVar("RequestT", bound=GenerateRequest)
 
-RenderStream = Callable[[list[SamplingJob]], AsyncIterator[list[RenderedImage]]]
-"""Makes the images of some jobs, yielding each batch as soon as it is done."""
+RenderStream = Callable[[list[SamplingJob], RenderInputs], AsyncIterator[list[RenderedImage]]]
+"""Makes the images of some jobs from the input images they name, yielding each batch as soon as
+it is done."""
 
 ScoreImages = Callable[[str, list[bytes]], Awaitable[list[float]]]
 """Scores encoded images for a prompt."""
+
+OnStored = Callable[[GeneratedImage], Awaitable[None]]
+"""Hears of each image once it is stored (a job records it)."""
+
+Progress = Callable[[list[RenderedImage]], None]
+"""Told of each batch of a request's images as it comes back from a worker (admission counts
+the work done)."""
+
+
+def _no_progress(_: list[RenderedImage]) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -87,63 +103,113 @@ class GenerationService:
             return request
         return request.model_copy(update={"loras": list(await self.resolve_loras(request))})
 
+    async def read_inputs(self, request: GenerateRequest) -> RequestInputs | None:
+        """The request's input image and mask, fetched, checked and fitted: once per request.
+
+        Raises InputRefused (422) or InputFetchFailed (424); None for text-to-image.
+        """
+        return await read_inputs(request, self.settings)
+
     async def images(
-        self, request: GenerateRequest, request_id: str, base_url: str
+        self,
+        request: GenerateRequest,
+        request_id: str,
+        base_url: str,
+        inputs: RequestInputs | None = None,
+        progress: Progress = _no_progress,
     ) -> AsyncIterator[GeneratedImage]:
-        """Yield each image as soon as it is stored; with top_k, only the K best, best first."""
+        """Yield each image as soon as it is stored; with top_k, only the K best, best first.
+
+        ``inputs`` are the request's read inputs, where the caller has read them already;
+        ``progress`` hears of each batch as soon as a worker has made it.
+        """
+        inputs = inputs or await self.read_inputs(request)
         destination = Destination(request_id, uuid.uuid4().hex[:12], base_url)
-        async for image in self.make_images(await self.plan(request), request, destination):
+        async for image in self.make_images(
+            await self.plan(request, inputs),
+            request,
+            destination,
+            inputs,
+            progress=progress,
+        ):
             yield image
 
-    async def plan(self, request: GenerateRequest) -> list[SamplingJob]:
-        """The request's jobs, applying its adapters as the library resolves them now."""
-        return plan_jobs(request, self.settings, await self.resolve_loras(request))
+    async def plan(
+        self, request: GenerateRequest, inputs: RequestInputs | None
+    ) -> list[SamplingJob]:
+        """The request's jobs from its read ``inputs``, applying its adapters as the library
+        resolves them now."""
+        loras = await self.resolve_loras(request)
+        return plan_jobs(request, self.settings, inputs, loras)
 
     async def make_images(
-        self, jobs: list[SamplingJob], request: GenerateRequest, destination: Destination
+        self,
+        jobs: list[SamplingJob],
+        request: GenerateRequest,
+        destination: Destination,
+        inputs: RequestInputs | None,
+        on_stored: OnStored | None = None,
+        progress: Progress = _no_progress,
     ) -> AsyncIterator[GeneratedImage]:
-        """Make, score and store the images of ``jobs`` (some or all of ``request``'s plan),
-        yielding each as soon as it is stored; with top_k, only the K best, best first."""
-        async for final in self.scored_images(jobs, request):
-            for image in await self._store_all(final, destination):
+        """Make, score and store the images of ``jobs`` (some or all of ``request``'s plan, from
+        its read ``inputs``), yielding each as soon as it is stored; with top_k, only the K
+        best, best first. ``on_stored`` hears of every image stored, also of those a caller
+        that stops in the middle of a batch is no longer given."""
+        async for final in self.scored_images(jobs, request, inputs, progress):
+            for image in await self._store_all(final, destination, on_stored):
                 yield image
 
     async def scored_images(
-        self, jobs: list[SamplingJob], request: GenerateRequest
+        self,
+        jobs: list[SamplingJob],
+        request: GenerateRequest,
+        inputs: RequestInputs | None = None,
+        progress: Progress = _no_progress,
     ) -> AsyncIterator[list[ScoredImage]]:
-        """Yield the images of ``jobs`` that are final, unstored: each batch as soon as it is
-        scored; with top_k, once all are scored, only the K best, best first."""
+        """Yield the images of ``jobs`` (from the request's read ``inputs``) that are final,
+        unstored: each batch as soon as it is scored; with top_k, once all are scored, only the
+        K best, best first."""
+        carried = inputs.render_inputs() if inputs else RenderInputs()
         if request.top_k is None:
-            async for batch in self._rendered(jobs, request.gpus):
+            async for batch in self._rendered(jobs, request.gpus, carried, progress):
                 yield await self._scored(request.prompt, batch)
             return
         # Rank first, so that only the K images returned are ever stored.
         ranked: list[ScoredImage] = []
-        async for batch in self._rendered(jobs, request.gpus):
+        async for batch in self._rendered(jobs, request.gpus, carried, progress):
             ranked.extend(await self._scored(request.prompt, batch))
         ranked.sort(key=lambda item: (-item.score, item.rendered.job.index))
         yield ranked[: request.top_k]
 
     async def generate(
-        self, request: GenerateRequest, request_id: str, base_url: str, started: float
+        self,
+        request: GenerateRequest,
+        request_id: str,
+        base_url: str,
+        started: float,
+        inputs: RequestInputs | None = None,
+        progress: Progress = _no_progress,
     ) -> GenerateResponse:
         """The whole response: in job order, or best first with top_k."""
-        images = [image async for image in self.images(request, request_id, base_url)]
+        images = [
+            image async for image in self.images(request, request_id, base_url, inputs, progress)
+        ]
         if request.top_k is None:
             images.sort(key=lambda image: image.index)
         return build_response(request, request_id, images, started)
 
     async def _rendered(
-        self, jobs: list[SamplingJob], gpus: int
+        self, jobs: list[SamplingJob], gpus: int, inputs: RenderInputs, progress: Progress
     ) -> AsyncIterator[list[RenderedImage]]:
-        """Batches from up to ``gpus`` concurrent render streams, in order of completion."""
+        """Batches from up to ``gpus`` concurrent render streams, in order of completion; each
+        call carries the input images once, for all its jobs."""
         queue: asyncio.Queue[list[RenderedImage] | BaseException | None] = asyncio.Queue()
 
         async def pump(part: list[SamplingJob]) -> None:
             remaining = part
             for attempt in itertools.count():
                 try:
-                    async for batch in self._render(remaining):
+                    async for batch in self._render(remaining, inputs):
                         done = {rendered.job.index for rendered in batch}
                         remaining = [job for job in remaining if job.index not in done]
                         await queue.put(batch)
@@ -178,6 +244,7 @@ class GenerationService:
                 else:
                     outstanding -= len(item)
                     self.telemetry.jobs_in_flight(-len(item))
+                    progress(item)
                     yield item
         finally:
             self.telemetry.jobs_in_flight(-outstanding)
@@ -202,9 +269,23 @@ class GenerationService:
         return [ScoredImage(rendered, score) for rendered, score in zip(batch, scores, strict=True)]
 
     async def _store_all(
-        self, items: list[ScoredImage], destination: Destination
+        self, items: list[ScoredImage], destination: Destination, on_stored: OnStored | None
     ) -> list[GeneratedImage]:
-        """Store concurrently, off the event loop; fail if any image could not be stored."""
+        """Store concurrently, off the event loop, and tell ``on_stored`` of each image; fail if
+        any could not be stored. Once begun it runs to its end, even when the caller is
+        cancelled meanwhile: an upload can't be called back, and a stopped job must keep exactly
+        the images it reports."""
+        storing = asyncio.ensure_future(self._store_batch(items, destination, on_stored))
+        try:
+            return await asyncio.shield(storing)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # the caller stops either way
+                await storing
+            raise
+
+    async def _store_batch(
+        self, items: list[ScoredImage], destination: Destination, on_stored: OnStored | None
+    ) -> list[GeneratedImage]:
         results = await asyncio.gather(
             *(self._store(item, destination) for item in items), return_exceptions=True
         )
@@ -224,7 +305,11 @@ class GenerationService:
             raise StorageError(
                 f"{len(failures)} of {len(items)} images could not be stored: {failures[0][1]}"
             )
-        return [result for result in results if isinstance(result, GeneratedImage)]
+        images = [result for result in results if isinstance(result, GeneratedImage)]
+        if on_stored is not None:
+            for image in images:
+                await on_stored(image)
+        return images
 
     async def _store(self, item: ScoredImage, destination: Destination) -> GeneratedImage:
         job = item.rendered.job

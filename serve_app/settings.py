@@ -22,6 +22,11 @@ EMBEDDED_MODEL = "tiny"
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 
+# "data:image/webp;base64," and room for media type parameters.
+_DATA_URL_HEADER_CHARS = 64
+# The rest of a request: prompts of up to 2000 characters JSON-escaped, lists, numbers.
+_BODY_BESIDES_INPUTS = 64 * 1024
+
 
 class ServiceSettings(BaseSettings):
     """Settings of the whole application, validated once at start."""
@@ -135,9 +140,57 @@ class ServiceSettings(BaseSettings):
     max_concurrent_requests: int = Field(
         32,
         ge=1,
-        description="Requests one ingress replica works on at once; more get a quick 503.",
+        description="Most requests one ingress replica works on at once, whatever their cost "
+        "(a bound on its memory and connections); more get a quick 503.",
     )
-    retry_after_s: int = Field(5, ge=1, description="Retry-After sent with overload answers.")
+    retry_after_s: int = Field(
+        5,
+        ge=1,
+        description="Retry-After of the 503s whose wait can't be estimated: a lost worker, "
+        "storage, a full worker queue, the request bound above.",
+    )
+    admission_deadline_share: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="Admission by cost (serve_app/api/admission.py): a request is admitted only "
+        "when the estimated work of every admitted request, its own included, fits in this share "
+        "of the earliest of their remaining deadlines on the workers at max replicas; otherwise "
+        "a quick 503. The rest of the deadline absorbs estimation error.",
+    )
+    admission_key_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="With API keys on, the share of that admissible work one key may hold; "
+        "beyond it a 429 with Retry-After.",
+    )
+    admission_prior_speed: float = Field(
+        0.25,
+        gt=0,
+        description="Work units per second (one unit: a transformer call over a megapixel) that "
+        "a FluxWorker replica is assumed to make until it has reported a batch. Keep it well "
+        "below the real speed (the embedded model makes about 10 on a laptop's CPU, fewer while "
+        "other replicas share it; FLUX.1-schnell about 4 to 9 on an H100): a higher one admits "
+        "work that can't finish in time.",
+    )
+    admission_speed_window_s: float = Field(
+        30,
+        gt=0,
+        description="Time constant of each replica's moving speed estimate: batches of about the "
+        "last this many seconds of pipeline time weigh most.",
+    )
+    admission_decode_calls: float = Field(
+        1.5,
+        ge=0,
+        description="Work of decoding one image, in transformer calls at its size.",
+    )
+    admission_image_overhead: float = Field(
+        0.05,
+        ge=0,
+        description="Work of one image that does not grow with its size (prompt encoding, "
+        "scheduling), in work units.",
+    )
     max_retries: int = Field(
         3, ge=0, le=10, description="Retries of work lost with a worker or scorer replica."
     )
@@ -145,7 +198,10 @@ class ServiceSettings(BaseSettings):
         0.5, ge=0, description="First wait before such a retry; doubles each time."
     )
     max_body_bytes: int = Field(
-        65536, ge=1024, description="Largest request body; larger ones get a 413."
+        28 * 2**20,
+        ge=1024,
+        description="Largest request body; larger ones get a 413. It must hold an input image "
+        "and mask of max_input_image_bytes each, as data: URLs.",
     )
 
     # Access
@@ -304,6 +360,43 @@ class ServiceSettings(BaseSettings):
     max_cfg_scale: float = Field(20.0, ge=1.0, description="Largest guidance scale.")
     max_diversity_values: int = Field(16, ge=1, description="Longest list in each diversity field.")
 
+    # Image inputs (serve_app/inputs/): image-to-image and inpainting
+    max_input_image_bytes: int = Field(
+        10 * 2**20,
+        ge=1024,
+        description="Largest input image or mask, in bytes (decoded from its data: URL, or "
+        "fetched); larger ones get a 422. max_body_bytes must hold two of them as data: URLs.",
+    )
+    max_input_image_pixels: int = Field(
+        4096 * 4096,
+        ge=64 * 64,
+        description="Largest input image or mask, in pixels (width x height), checked before it "
+        "is decoded; Pillow's decompression-bomb guard runs as well.",
+    )
+    image_url_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated hosts whose https:// image URLs the service fetches. "
+        "Empty: only data: URLs are taken.",
+    )
+    image_url_private_hosts: bool = Field(
+        False,
+        description="Let the hosts of image_url_hosts resolve to loopback, private or "
+        "link-local addresses (an image store inside the deployment's own network). Off: they "
+        "must resolve to public addresses only, like every other URL the service calls.",
+    )
+    image_fetch_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Deadline of fetching one image URL, from connecting to the last byte; past "
+        "it the request gets a 424.",
+    )
+    image_fetch_ca_file: Path | None = Field(
+        None,
+        description="PEM file of the certificate authorities trusted when fetching image URLs "
+        "(an internal CA). Unset: the system's (OpenSSL's defaults, so SSL_CERT_FILE works).",
+    )
+
     @property
     def native(self) -> ModelProfile:
         """The model's own sampling settings, used where a request leaves diversity out."""
@@ -315,6 +408,11 @@ class ServiceSettings(BaseSettings):
         own, or the tiny model's)."""
         library = self.lora_dir or self.lora_s3_url or self.model == EMBEDDED_MODEL
         return self.max_loras > 0 and bool(library)
+
+    @property
+    def max_data_url_chars(self) -> int:
+        """Longest data: URL of an input image: base64 of max_input_image_bytes, and a header."""
+        return _DATA_URL_HEADER_CHARS + 4 * -(-self.max_input_image_bytes // 3)
 
     @property
     def served_model(self) -> str:
@@ -333,7 +431,7 @@ class ServiceSettings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
-    @field_validator("webhook_allowed_hosts", mode="before")
+    @field_validator("webhook_allowed_hosts", "image_url_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
@@ -372,6 +470,17 @@ class ServiceSettings(BaseSettings):
         if self.fuse_qkv and self.serves_loras:
             # A fused projection replaces to_q, to_k and to_v, so adapters there would do nothing.
             raise ValueError("fuse_qkv can't be combined with LoRA adapters: set max_loras to 0")
+        return self
+
+    @model_validator(mode="after")
+    def _body_holds_the_inputs(self) -> ServiceSettings:
+        needed = 2 * self.max_data_url_chars + _BODY_BESIDES_INPUTS
+        if self.max_body_bytes < needed:
+            raise ValueError(
+                f"max_body_bytes {self.max_body_bytes} can't hold an image and a mask of "
+                f"max_input_image_bytes {self.max_input_image_bytes} as data: URLs: raise it to "
+                f"at least {needed}, or lower max_input_image_bytes"
+            )
         return self
 
     @model_validator(mode="after")

@@ -27,6 +27,7 @@ from serve_app.api.routes import create_app  # noqa: E402
 from serve_app.generation.pipeline import FluxGenerator, RenderedImage  # noqa: E402
 from serve_app.generation.planning import SamplingJob  # noqa: E402
 from serve_app.generation.scheduling import RenderScheduler  # noqa: E402
+from serve_app.inputs.pixels import RenderInputs  # noqa: E402
 from serve_app.models.scoring import ClipScorer  # noqa: E402
 from serve_app.service import GenerationService, RenderStream  # noqa: E402
 from serve_app.settings import ServiceSettings, get_settings  # noqa: E402
@@ -83,8 +84,8 @@ def make_service(scheduler: RenderScheduler, scorer: ClipScorer) -> MakeService:
     """The request flow on in-process models (the classes the deployments wrap), for any settings
     and store."""
 
-    def render(jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
-        return scheduler.render(jobs)
+    def render(jobs: list[SamplingJob], inputs: RenderInputs) -> AsyncIterator[list[RenderedImage]]:
+        return scheduler.render(jobs, inputs)
 
     async def score(prompt: str, images: list[bytes]) -> list[float]:
         return scorer.score(prompt, images)
@@ -128,7 +129,8 @@ FAST_RECOVERY = {"FLUX_SERVE_JOBS_REDELIVERY_S": "6", "FLUX_SERVE_JOBS_LEASE_S":
 
 def serve_config_for_tests(http_port: int, storage_dir: Path, redis_url: str) -> dict[str, Any]:
     """config/serve.yaml as shipped, with a free port, the test session's folders and Redis,
-    webhooks to 127.0.0.1 allowed, and fast recovery of jobs whose runner died."""
+    webhooks to 127.0.0.1 allowed and retried briefly, and fast recovery of jobs whose runner
+    died."""
     config = yaml.safe_load((ROOT / "config" / "serve.yaml").read_text())
     config["http_options"]["port"] = http_port
     application = config["applications"][0]
@@ -138,7 +140,10 @@ def serve_config_for_tests(http_port: int, storage_dir: Path, redis_url: str) ->
     env_vars["FLUX_SERVE_REDIS_URL"] = redis_url
     env_vars["FLUX_SERVE_WEBHOOK_SECRET"] = WEBHOOK_SECRET
     env_vars["FLUX_SERVE_WEBHOOK_ALLOWED_HOSTS"] = "127.0.0.1"
+    # Retried quickly and given up soon; a receiver that holds a delivery gets a minute.
     env_vars["FLUX_SERVE_WEBHOOK_BACKOFF_S"] = "1"
+    env_vars["FLUX_SERVE_WEBHOOK_MAX_ATTEMPTS"] = "3"
+    env_vars["FLUX_SERVE_WEBHOOK_TIMEOUT_S"] = "60"
     env_vars.update(FAST_RECOVERY)
     for deployment in application["deployments"]:
         policy = deployment.get("autoscaling_config", {}).get("policy")

@@ -23,11 +23,12 @@ from .conftest import MakeService
 from .live_server import always_ready
 
 CASES_PER_MODE = int(os.environ.get("FUZZ_CASES_PER_MODE", "250"))
-# What JSON Schema can't say (top_k at most nof_images; a size's bounds and multiple of 16), and
-# which adapters a library holds (their names and digests are data, not schema): data valid by
-# the schema may break these, and then only these. The refusals each path answers then.
+# What JSON Schema can't say (top_k at most nof_images; a mask or a strength only with an image,
+# and whether a string is an image at all; a size's bounds and multiple of 16), and which adapters
+# a library holds (their names and digests are data, not schema): data valid by the schema may
+# break these, and then only these. The refusals each path answers then.
 SCHEMA_BLIND = {
-    "/generate": (422, re.compile(r"^(top_k|loras\.\d+\.(name|digest))$")),
+    "/generate": (422, re.compile(r"^(top_k|image|mask|strength|loras\.\d+\.(name|digest))$")),
     "/v1/images/generations": (400, re.compile(r"^size$")),
 }
 

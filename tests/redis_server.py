@@ -22,7 +22,12 @@ class RedisServer(ServerProcess):
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.database(0)
+
+    def database(self, number: int) -> str:
+        """The URL of one of the server's databases, to keep one cluster's jobs apart from
+        another's."""
+        return f"redis://127.0.0.1:{self.port}/{number}"
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

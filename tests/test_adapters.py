@@ -21,7 +21,7 @@ from serve_app.settings import ServiceSettings
 from serve_app.storage.local import LocalImageStore
 
 from .conftest import MakeService
-from .images import mean_abs_difference
+from .images import data_url, encode, gradient, mean_abs_difference
 from .live_server import always_ready, serve_over_http
 from .loras import ATTENTION, CONTEXT, EVERYTHING, MISFIT, MLP, mixed_library
 
@@ -247,6 +247,23 @@ def test_sampling_params_carry_the_adapters_and_reproduce_the_image(url: str) ->
         original = httpx.get(image["url"]).content
         # Made in a batch of two first, alone now.
         assert mean_abs_difference(original, httpx.get(again["url"]).content) <= 1.0
+
+
+def test_adapters_apply_to_images_made_from_an_input_image(url: str) -> None:
+    """The image pipelines share the transformer that holds the adapters."""
+    body = {**REQUEST, "image": data_url(encode(gradient(64, 64))), "strength": 0.75}
+    plain = httpx.post(f"{url}/generate", json=body, timeout=60).json()["images"]
+    loras = [{"name": EVERYTHING, "scale": 1.5}]
+    adapted = httpx.post(f"{url}/generate", json={**body, "loras": loras}, timeout=60).json()
+    for without, with_adapter in zip(plain, adapted["images"], strict=True):
+        params = with_adapter["sampling_params"]
+        assert params["image_digest"] is not None
+        assert [lora["name"] for lora in params["loras"]] == [EVERYTHING]
+        assert params["seed"] == without["sampling_params"]["seed"]
+        difference = mean_abs_difference(
+            httpx.get(without["url"]).content, httpx.get(with_adapter["url"]).content
+        )
+        assert difference > 1.0
 
 
 def test_with_compile_on_changing_adapters_never_recompiles(

@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -17,6 +18,7 @@ from bench import jobs as jobs_bench
 from bench import presets
 from bench.cluster import WORKER_DEPLOYMENT, ServiceSetup, serve_config
 from bench.gpu_run import Budget, PipelineRow, ResultsFile, ServiceRow, skipped
+from bench.image_timing import ImageInputFigures, input_picture, time_image_inputs
 from bench.lora_timing import MixFigures, SwitchFigures, ensure_loras, measure_switches
 from bench.lora_timing import bodies as lora_bodies
 from bench.loras import LoraResults
@@ -34,6 +36,7 @@ from bench.service_timing import RequestTiming, ServiceError, ServiceFigures, ti
 from bench.speedup_timing import SpeedupFigures, SpeedupTimer
 from bench.stats import median, percentile
 from bench.workload import Workload
+from serve_app.generation.pipeline import FluxGenerator
 from serve_app.models.tiny import TINY_FLUX_NAME, ensure_tiny_model
 from serve_app.models.tiny_loras import TINY_LORAS
 from serve_app.settings import ServiceSettings
@@ -369,7 +372,14 @@ def test_timed_job_polls_until_the_job_has_succeeded() -> None:
             httpx.Response(200, json={"status": "running", "progress": {"done": 0}}),
             httpx.Response(200, json={"status": "running", "progress": {"done": 2}}),
             httpx.Response(
-                200, json={"status": "succeeded", "progress": {"done": 4}, "images": [{}] * 4}
+                200,
+                json={
+                    "status": "succeeded",
+                    "progress": {"done": 4},
+                    "images": [{}] * 4,
+                    # Its end comes from the job itself, not from when the poll saw it.
+                    "finished_at": (datetime.now(UTC) + timedelta(seconds=5)).isoformat(),
+                },
             ),
         ]
     )
@@ -381,7 +391,7 @@ def test_timed_job_polls_until_the_job_has_succeeded() -> None:
 
     timing = asyncio.run(run())
     assert timing.images == 4
-    assert 0 < timing.first_image_s <= timing.latency_s
+    assert 0 < timing.first_image_s < 4 < timing.latency_s <= 5
 
 
 def test_timed_job_fails_loudly_on_a_failed_job() -> None:
@@ -475,6 +485,40 @@ def test_serve_config_points_the_workers_at_the_benchmarks_adapters(tmp_path: Pa
         not in serve_config(setup(gpus=0), 18123, tmp_path)["applications"][0]["runtime_env"][
             "env_vars"
         ]
+    )
+
+
+def test_image_to_image_is_timed_beside_text_to_image_on_the_service_generator(
+    generator: FluxGenerator,
+) -> None:
+    tiny = Workload(prompt="a red cat", images=2, size=64, steps=4)
+    jobs, inputs = tiny.image_jobs(generator.settings, input_picture(64), 0.5)
+    text_jobs = tiny.jobs(generator.settings)
+    assert [job.params.seed for job in jobs] == [job.params.seed for job in text_jobs]
+    assert {(job.params.mode, job.params.strength) for job in jobs} == {("image-to-image", 0.5)}
+    assert len({job.batch_key() for job in jobs}) == 1
+    assert list(inputs.images) == [jobs[0].params.image_digest]
+    figures = time_image_inputs(generator, tiny, batch_size=2, repeats=1, strength=0.5)
+    assert (figures.strength, figures.steps_run, figures.batch_size) == (0.5, 2, 2)
+    assert figures.text_images_per_s > 0
+    assert figures.image_images_per_s > 0
+
+
+def test_the_report_has_image_to_image_against_text_to_image() -> None:
+    with_inputs = replace(
+        RESULTS,
+        image_inputs=ImageInputFigures(
+            strength=0.5, steps_run=2, batch_size=4, text_images_per_s=4.0, image_images_per_s=6.0
+        ),
+    )
+    ratios = {ratio.name: ratio for ratio in with_inputs.ratios()}
+    faster = ratios["image-to-image / text-to-image, strength 0.5"]
+    assert (faster.value, faster.verdict) == (pytest.approx(1.5), "met")
+    text = to_text(with_inputs)
+    assert "raw pipeline, batch 4, image-to-image at strength 0.5 (2 of 4 steps), in turns" in text
+    assert "raw pipeline, batch 4, text-to-image, in turns" in text
+    assert "| image-to-image / text-to-image, strength 0.5 | 1.500 | >= 1.00 | met |" in (
+        to_markdown(with_inputs)
     )
 
 

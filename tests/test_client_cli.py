@@ -26,6 +26,7 @@ from serve_app.client.events import ServerSentEvent, read_events
 from serve_app.generation.pipeline import RenderedImage
 from serve_app.generation.planning import SamplingJob
 from serve_app.generation.scheduling import RenderScheduler
+from serve_app.inputs.pixels import RenderInputs
 from serve_app.models.scoring import ClipScorer
 from serve_app.schemas import Diversity, GenerateRequest, Readiness
 from serve_app.service import GenerationService, RenderStream
@@ -81,8 +82,10 @@ def keyed_url(
 def failing_url(scheduler: RenderScheduler, service_rendering: ServiceRendering) -> Iterator[str]:
     """The application on a worker that crashes after its first image."""
 
-    async def crash(jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
-        async for batch in scheduler.render(jobs[:1]):
+    async def crash(
+        jobs: list[SamplingJob], inputs: RenderInputs
+    ) -> AsyncIterator[list[RenderedImage]]:
+        async for batch in scheduler.render(jobs[:1], inputs):
             yield batch
         raise RuntimeError("the GPU fell off")
 
@@ -147,13 +150,15 @@ def test_stream_yields_each_image_before_the_next_is_made(
 ) -> None:
     received = [threading.Event() for _ in range(3)]
 
-    async def one_after_another(jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
+    async def one_after_another(
+        jobs: list[SamplingJob], inputs: RenderInputs
+    ) -> AsyncIterator[list[RenderedImage]]:
         # Each image is made only once the client holds the one before: a client or server that
         # buffered the stream would never see the second.
         for position, job in enumerate(jobs):
             if position and not await asyncio.to_thread(received[position - 1].wait, 30):
                 raise RuntimeError(f"image {position - 1} never reached the client")
-            async for batch in scheduler.render([job]):
+            async for batch in scheduler.render([job], inputs):
                 yield batch
 
     app = create_app(service_rendering(one_after_another), always_ready)

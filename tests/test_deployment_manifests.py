@@ -475,3 +475,14 @@ def test_production_redis_is_the_flux_serve_redis_service_of_its_statefulset(
     (port,) = service["spec"]["ports"]
     url = urlsplit(app_env(serve_config)["FLUX_SERVE_REDIS_URL"])
     assert (url.hostname, url.port) == ("flux-serve-redis", port["port"])
+
+
+def test_the_head_keeps_its_state_in_the_redis_of_the_jobs(
+    rayservice: dict[str, Any], serve_config: dict[str, Any]
+) -> None:
+    options = rayservice["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    service = load_yaml(K8S / "redis-service.yaml")
+    (port,) = service["spec"]["ports"]
+    assert options["redisAddress"] == f"{service['metadata']['name']}:{port['port']}"
+    jobs = urlsplit(app_env(serve_config)["FLUX_SERVE_REDIS_URL"])
+    assert options["redisAddress"] == f"{jobs.hostname}:{jobs.port}"

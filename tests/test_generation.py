@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from serve_app.generation.planning import SamplingJob
 from serve_app.generation.samplers import supported_samplers
 from serve_app.schemas import SamplingParams
 
-from .images import mean_abs_difference
+from .images import max_abs_difference, mean_abs_difference
 
 BASE = SamplingParams(sampler="euler", steps=4, cfg_scale=1.0, seed=11, width=128, height=128)
 
@@ -37,8 +38,14 @@ def render_one(generator: FluxGenerator, sampling_job: SamplingJob) -> bytes:
     return image.data
 
 
-def test_rerunning_an_images_parameters_reproduces_its_pixels(generator: FluxGenerator) -> None:
-    assert render_one(generator, job()) == render_one(generator, job())
+@pytest.mark.parametrize("sampler", supported_samplers())
+def test_rerunning_an_images_parameters_reproduces_its_pixels(
+    generator: FluxGenerator, sampler: str
+) -> None:
+    # Bit for bit when made the same way (alone, both times); lcm adds noise at every step.
+    assert render_one(generator, job(sampler=sampler)) == render_one(
+        generator, job(sampler=sampler)
+    )
 
 
 @pytest.mark.parametrize(
@@ -84,36 +91,41 @@ def test_every_sampler_makes_an_image_of_the_requested_size(
     assert (image.format, image.size) == ("PNG", (192, 128))
 
 
+ONE_REQUEST = [{"index": i, "seed": 100 + i} for i in range(3)]
+# Jobs of other requests share a batch: their prompts and negative prompts differ.
+THREE_REQUESTS = [
+    {"index": 0, "seed": 100},
+    {"index": 0, "seed": 100, "prompt": "a blue dog"},
+    {"index": 5, "seed": 7, "prompt": "a green car"},
+]
+TRUE_GUIDANCE = [
+    {"index": 0, "seed": 100, "cfg_scale": 3.0, "negative_prompt": "a dog"},
+    {"index": 1, "seed": 100, "cfg_scale": 3.0, "prompt": "a blue dog", "negative_prompt": "a cat"},
+    {"index": 2, "seed": 100, "cfg_scale": 3.0, "prompt": "a green car"},
+]
+
+
 @pytest.mark.parametrize(
-    "batch",
+    ("sampler", "batch"),
     [
-        pytest.param([job(index=i, seed=100 + i) for i in range(3)], id="one-request"),
-        # Jobs of other requests share a batch: their prompts and negative prompts differ.
-        pytest.param(
-            [
-                job(index=0, seed=100),
-                job(index=0, seed=100, prompt="a blue dog"),
-                job(index=5, seed=7, prompt="a green car"),
-            ],
-            id="three-requests",
-        ),
-        pytest.param(
-            [
-                job(index=0, seed=100, cfg_scale=3.0, negative_prompt="a dog"),
-                job(index=1, seed=100, cfg_scale=3.0, prompt="a blue dog", negative_prompt="a cat"),
-                job(index=2, seed=100, cfg_scale=3.0, prompt="a green car"),
-            ],
-            id="true-guidance-three-requests",
+        pytest.param("euler", ONE_REQUEST, id="one-request"),
+        pytest.param("euler", TRUE_GUIDANCE, id="true-guidance-three-requests"),
+        *(
+            pytest.param(sampler, THREE_REQUESTS, id=f"three-requests-{sampler}")
+            for sampler in supported_samplers()
         ),
     ],
 )
 def test_an_image_made_in_a_batch_matches_it_made_alone(
-    generator: FluxGenerator, batch: list[SamplingJob]
+    generator: FluxGenerator, batch: list[dict[str, Any]], sampler: str
 ) -> None:
-    together = generator.render(batch)
-    for sampling_job, rendered in zip(batch, together, strict=True):
+    jobs = [job(sampler=sampler, **fields) for fields in batch]
+    together = generator.render(jobs)
+    for sampling_job, rendered in zip(jobs, together, strict=True):
         assert rendered.job == sampling_job
-        assert mean_abs_difference(rendered.data, render_one(generator, sampling_job)) <= 1.0
+        # What README.md promises: the same image, each pixel value within 1 of 255 (the float
+        # sums of a batch run in another order than alone's, the noise is the same).
+        assert max_abs_difference(rendered.data, render_one(generator, sampling_job)) <= 1
     # Each image is its own prompt's: the same seed under another prompt gives other pixels.
     assert mean_abs_difference(together[0].data, together[1].data) > 0.5
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
+import httpx
+import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -12,6 +15,18 @@ from serve_app.storage.local import LocalImageStore
 
 from .images import mean_abs_difference
 from .sse import parse_events
+
+
+def docs_pages_load_from_the_service(client: httpx.Client) -> None:
+    """/docs and /redoc, and every file they load, come from the service itself."""
+    for page in ("/docs", "/redoc"):
+        html = client.get(page)
+        assert html.status_code == 200
+        assets = re.findall(r'(?:src|href)="([^"]+)"', html.text)
+        assert len(assets) >= 2, page  # the bundle and the icon at least
+        for asset in assets:
+            assert asset.startswith("/"), f"{page} loads {asset} from elsewhere"
+            assert client.get(asset).status_code == 200, asset
 
 
 def generate(client: TestClient, **payload: object) -> dict:  # type: ignore[type-arg]
@@ -126,12 +141,49 @@ def test_bad_input_gets_422_with_the_envelope(client: TestClient) -> None:
     assert "dpmpp_2m" in error["message"]
 
 
-def test_non_json_body_gets_422(client: TestClient) -> None:
-    response = client.post(
-        "/generate", content=b"not json", headers={"content-type": "application/json"}
-    )
+JSON = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "message"),
+    [
+        pytest.param(
+            b"not json",
+            JSON,
+            "the body is not valid JSON: Expecting value at line 1 column 1",
+            id="not-json",
+        ),
+        pytest.param(
+            b'{"prompt": "a red cat",\n "nof_images": 2,}',
+            JSON,
+            "the body is not valid JSON: Expecting property name enclosed in double quotes "
+            "at line 2 column 18",
+            id="trailing-comma-on-line-2",
+        ),
+        pytest.param(
+            b'{"prompt": "a red cat"}',
+            {},
+            "send the body as JSON with content-type: application/json",
+            id="json-without-content-type",
+        ),
+        pytest.param(
+            b'{"prompt": "a red cat"}',
+            {"content-type": "application/x-www-form-urlencoded"},
+            "send the body as JSON with content-type: application/json",
+            id="json-as-curl-sends-it-without-a-header",
+        ),
+        pytest.param(b"", JSON, "the body is empty; send a JSON object", id="empty"),
+        pytest.param(b'["a red cat"]', JSON, "the body must be a JSON object", id="array"),
+    ],
+)
+def test_a_body_that_is_not_a_json_object_says_what_to_send(
+    client: TestClient, body: bytes, headers: dict[str, str], message: str
+) -> None:
+    response = client.post("/generate", content=body, headers=headers)
     assert response.status_code == 422
-    assert response.json()["error"]["type"] == "invalid_request"
+    assert response.json() == {
+        "error": {"type": "invalid_request", "message": message, "param": None}
+    }
 
 
 def test_request_id_is_echoed_and_names_the_images(client: TestClient) -> None:
@@ -155,7 +207,7 @@ def test_healthz_and_docs(client: TestClient) -> None:
     assert request_schema["additionalProperties"] is False
     for name, field in request_schema["properties"].items():
         assert field.get("description"), name
-    assert client.get("/docs").status_code == 200
+    docs_pages_load_from_the_service(client)
 
 
 def test_every_response_carries_a_request_id(client: TestClient) -> None:

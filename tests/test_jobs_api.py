@@ -4,8 +4,11 @@ consumes it here: the runner is driven by the tests), and the runner on the in-p
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +23,19 @@ from serve_app.api.routes import create_app
 from serve_app.faults import WorkerLost
 from serve_app.generation.pipeline import RenderedImage
 from serve_app.generation.planning import SamplingJob
+from serve_app.inputs.pixels import RenderInputs
 from serve_app.jobs.runner import JobRunner
 from serve_app.jobs.store import JobStore
-from serve_app.service import RenderStream
+from serve_app.jobs.webhooks import WebhookDelivery, deliver
+from serve_app.service import GenerationService, RenderStream
 from serve_app.settings import ServiceSettings
 from serve_app.storage.local import LocalImageStore
 
 from .conftest import WEBHOOK_SECRET, MakeService
+from .images import data_url, encode, gradient
 from .live_server import always_ready
 from .redis_server import RedisServer
+from .webhook_receiver import webhook_receiver
 
 SMALL = {"prompt": "a red cat", "nof_images": 4, "width": 64, "height": 64}
 
@@ -176,16 +183,24 @@ def test_with_api_keys_a_job_is_visible_only_with_the_key_that_made_it(
 
 
 def counting(
-    render: RenderStream, rendered: list[int], fail_after: int | None = None
+    render: RenderStream,
+    rendered: list[int],
+    fail_after: int | None = None,
+    after_batch: Callable[[int], None] | None = None,
 ) -> RenderStream:
-    """``render`` that notes each job it makes, and loses its worker after ``fail_after``."""
+    """``render`` that notes each job it makes, loses its worker after ``fail_after``, and calls
+    ``after_batch`` with the count so far once each batch has been taken."""
 
-    async def render_counting(jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
-        async for batch in render(jobs):
+    async def render_counting(
+        jobs: list[SamplingJob], inputs: RenderInputs
+    ) -> AsyncIterator[list[RenderedImage]]:
+        async for batch in render(jobs, inputs):
             if fail_after is not None and len(rendered) >= fail_after:
                 raise WorkerLost("a FluxWorker replica was lost: test")
             rendered.extend(image.job.index for image in batch)
             yield batch
+            if after_batch is not None:
+                after_batch(len(rendered))
 
     return render_counting
 
@@ -196,10 +211,53 @@ def make_runner(
     store: LocalImageStore,
     rendered: list[int],
     fail_after: int | None = None,
+    after_batch: Callable[[int], None] | None = None,
 ) -> JobRunner:
     service = make_service(settings, store)
-    service = make_service(settings, store, counting(service._render, rendered, fail_after))
+    render = counting(service._render, rendered, fail_after, after_batch)
+    return job_runner(settings, make_service(settings, store, render))
+
+
+def job_runner(settings: ServiceSettings, service: GenerationService) -> JobRunner:
     return JobRunner(settings, job_store(settings), service, CeleryJobQueue(settings))
+
+
+def queued_webhook(settings: ServiceSettings, job_id: str) -> WebhookDelivery:
+    """The job's webhook delivery, as it waits in its Celery queue (kombu keeps each message as
+    JSON in a Redis list, the task's arguments base64-encoded in its body)."""
+    for raw in redis.Redis.from_url(settings.redis_url).lrange(settings.webhooks_queue, 0, -1):
+        args, _, _ = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        delivery = WebhookDelivery.model_validate(args[0])
+        if delivery.message_id == f"msg_{job_id}":
+            return delivery
+    raise AssertionError(f"no webhook of job {job_id} in the queue")
+
+
+def delivered_webhook(settings: ServiceSettings, job_id: str) -> dict[str, Any]:
+    """The job's queued webhook, delivered as WebhookSender delivers it, as a receiver that
+    verifies its signature got it."""
+    with webhook_receiver(WEBHOOK_SECRET) as receiver:
+        delivery = queued_webhook(settings, job_id).model_copy(update={"url": receiver.url})
+        deliver(delivery, secret=WEBHOOK_SECRET, allowed_hosts=["127.0.0.1"], timeout_s=30)
+        (job,) = receiver.wait_for(1, timeout_s=30)
+    return job
+
+
+def assert_made_once(
+    client: TestClient, store: LocalImageStore, job_id: str, rendered: list[int]
+) -> None:
+    """The job succeeded with its eight images, each made and stored exactly once."""
+    job = client.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job
+    assert sorted(rendered) == list(range(8))
+    assert sorted(image["index"] for image in job["result"]["images"]) == list(range(8))
+    assert len(list((Path(store.root) / job_id).iterdir())) == 8
+
+
+@pytest.fixture
+def job_of_eight(jobs_client: TestClient) -> str:
+    """A queued job of eight images: two batches."""
+    return str(jobs_client.post("/jobs", json={**SMALL, "nof_images": 8}).json()["id"])
 
 
 def test_a_cancelled_queued_job_never_runs(
@@ -208,11 +266,14 @@ def test_a_cancelled_queued_job_never_runs(
     make_service: MakeService,
     store: LocalImageStore,
 ) -> None:
-    job_id = jobs_client.post("/jobs", json=SMALL).json()["id"]
+    body = {**SMALL, "webhook": "http://127.0.0.1:9/hook"}
+    job_id = jobs_client.post("/jobs", json=body).json()["id"]
     cancelled = jobs_client.delete(f"/jobs/{job_id}")
     assert cancelled.status_code == 200
     assert cancelled.json()["status"] == "cancelled"
     assert jobs_client.delete(f"/jobs/{job_id}").status_code == 409
+    announced = delivered_webhook(jobs_settings, job_id)  # at once: no runner will announce it
+    assert (announced["id"], announced["status"]) == (job_id, "cancelled")
     rendered: list[int] = []
     runner = make_runner(jobs_settings, make_service, store, rendered)
     assert asyncio.run(runner.run(job_id)) == "done"  # Celery's delivery of its task
@@ -246,23 +307,18 @@ def test_a_run_after_a_lost_one_makes_only_the_missing_images_and_stores_each_on
     jobs_settings: ServiceSettings,
     make_service: MakeService,
     store: LocalImageStore,
+    job_of_eight: str,
 ) -> None:
-    body = {**SMALL, "nof_images": 8}
-    job_id = jobs_client.post("/jobs", json=body).json()["id"]
     first: list[int] = []
     losing = make_runner(jobs_settings, make_service, store, first, fail_after=4)
     with pytest.raises(WorkerLost):  # the first run fails; Celery retries it
-        asyncio.run(losing.run(job_id))
-    half = jobs_client.get(f"/jobs/{job_id}").json()
+        asyncio.run(losing.run(job_of_eight))
+    half = jobs_client.get(f"/jobs/{job_of_eight}").json()
     assert half["status"] == "running"
     assert half["progress"]["done"] == len(first) == 4
     second: list[int] = []
-    asyncio.run(make_runner(jobs_settings, make_service, store, second).run(job_id))
-    job = jobs_client.get(f"/jobs/{job_id}").json()
-    assert job["status"] == "succeeded", job
-    assert sorted(first + second) == list(range(8))  # nothing made twice
-    assert sorted(image["index"] for image in job["result"]["images"]) == list(range(8))
-    assert len(list((Path(store.root) / job_id).iterdir())) == 8
+    asyncio.run(make_runner(jobs_settings, make_service, store, second).run(job_of_eight))
+    assert_made_once(jobs_client, store, job_of_eight, first + second)
 
 
 def test_a_job_whose_runs_keep_failing_is_failed_with_the_error(
@@ -271,7 +327,8 @@ def test_a_job_whose_runs_keep_failing_is_failed_with_the_error(
     make_service: MakeService,
     store: LocalImageStore,
 ) -> None:
-    job_id = jobs_client.post("/jobs", json=SMALL).json()["id"]
+    body = {**SMALL, "webhook": "http://127.0.0.1:9/hook"}
+    job_id = jobs_client.post("/jobs", json=body).json()["id"]
     for _ in range(jobs_settings.jobs_max_attempts - 1):
         with pytest.raises(WorkerLost):
             asyncio.run(make_runner(jobs_settings, make_service, store, [], 0).run(job_id))
@@ -281,6 +338,66 @@ def test_a_job_whose_runs_keep_failing_is_failed_with_the_error(
     assert job["status"] == "failed"
     assert job["error"]["type"] == "worker_lost"
     assert job["finished_at"] is not None
+    assert delivered_webhook(jobs_settings, job_id) == job
+
+
+def never_ending(runners: list[JobRunner]) -> RenderStream:
+    """A render call during which the replica starts stopping: the newest runner hands back."""
+
+    async def render(_: list[SamplingJob], __: RenderInputs) -> AsyncIterator[list[RenderedImage]]:
+        runners[-1].hand_back()
+        await asyncio.Event().wait()  # until the runner stops the run
+        yield []
+
+    return render
+
+
+def test_a_stopping_runner_queues_its_job_again_without_counting_the_run(
+    jobs_client: TestClient,
+    jobs_settings: ServiceSettings,
+    make_service: MakeService,
+    store: LocalImageStore,
+    job_of_eight: str,
+) -> None:
+    before = queued_runs(jobs_settings)
+    runners: list[JobRunner] = []
+    # More hand-backs than the job has runs: a restart is not a failed run.
+    for handed_back in range(1, jobs_settings.jobs_max_attempts + 2):
+        service = make_service(jobs_settings, store, never_ending(runners))
+        runners.append(job_runner(jobs_settings, service))
+        # Queued again by the runner itself, not left to the stopping Celery consumer.
+        assert asyncio.run(runners[-1].run(job_of_eight)) == "done"
+        assert queued_runs(jobs_settings) == before + handed_back
+    # A delivery that reaches a stopping runner goes back to the queue untouched.
+    assert asyncio.run(runners[-1].run(job_of_eight)) == "done"
+    assert queued_runs(jobs_settings) == before + len(runners) + 1
+    assert jobs_client.get(f"/jobs/{job_of_eight}").json()["status"] == "running"
+    rendered: list[int] = []
+    runner = make_runner(jobs_settings, make_service, store, rendered)
+    assert asyncio.run(runner.run(job_of_eight)) == "done"
+    assert_made_once(jobs_client, store, job_of_eight, rendered)
+
+
+@pytest.mark.parametrize("stall_after", [4, 8], ids=["mid-run", "before-the-end"])
+def test_a_run_whose_lease_lapsed_while_it_stalled_still_ends_the_job(
+    jobs_client: TestClient,
+    jobs_settings: ServiceSettings,
+    make_service: MakeService,
+    store: LocalImageStore,
+    job_of_eight: str,
+    stall_after: int,
+) -> None:
+    """Nobody took the job over, so the slow runner keeps it: its result is the job's."""
+    quick = jobs_settings.model_copy(update={"jobs_lease_s": 0.5})
+
+    def stall(images: int) -> None:
+        if images == stall_after:
+            time.sleep(2)  # blocks the runner's event loop: no renewal, the lease lapses
+
+    rendered: list[int] = []
+    runner = make_runner(quick, make_service, store, rendered, after_batch=stall)
+    assert asyncio.run(runner.run(job_of_eight)) == "done"
+    assert_made_once(jobs_client, store, job_of_eight, rendered)
 
 
 def test_redis_down_is_a_503_naming_the_broker_while_generate_works(
@@ -342,3 +459,26 @@ def test_the_client_and_the_command_submit_follow_and_cancel_a_job(
         assert main(["job", submitted, "--url", url]) == 0
         assert f'"id": "{submitted}"' in capsys.readouterr().out
         assert main(["submit", "x", "--webhook", "ftp://example.com", "--url", url]) == 2
+
+
+def test_a_job_makes_images_from_an_input_image(
+    jobs_client: TestClient,
+    jobs_settings: ServiceSettings,
+    make_service: MakeService,
+    store: LocalImageStore,
+) -> None:
+    picture = encode(gradient(64, 64))
+    body = {**SMALL, "nof_images": 2, "image": data_url(picture), "strength": 0.5}
+    refused = jobs_client.post("/jobs", json={**body, "image": data_url(b"not an image")})
+    assert refused.status_code == 422  # at submission, not as a failed job later
+    assert refused.json()["error"]["param"] == "image"
+    job_id = jobs_client.post("/jobs", json=body).json()["id"]
+    rendered: list[int] = []
+    asyncio.run(make_runner(jobs_settings, make_service, store, rendered).run(job_id))
+    job = jobs_client.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job
+    digest = "sha256:" + hashlib.sha256(picture).hexdigest()
+    assert {
+        (i["sampling_params"]["image_digest"], i["sampling_params"]["strength"])
+        for i in job["images"]
+    } == {(digest, 0.5)}

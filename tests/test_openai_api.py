@@ -180,9 +180,14 @@ def test_an_unknown_v1_path_is_a_404_in_openais_envelope(client: openai.OpenAI) 
     assert raised.value.type == "invalid_request_error"
 
 
-def test_an_oversized_body_is_a_413_in_openais_envelope(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.APIStatusError) as raised:
-        client.images.generate(prompt="x" * 70_000)
+def test_an_oversized_body_is_a_413_in_openais_envelope(
+    settings: ServiceSettings, make_service: MakeService, store: LocalImageStore
+) -> None:
+    # A small limit: the default one holds input images, far more than a prompt can fill.
+    small = settings.model_copy(update={"max_body_bytes": 65536})
+    app = create_app(make_service(small, store), always_ready)
+    with serve_over_http(app) as url, pytest.raises(openai.APIStatusError) as raised:
+        sdk(url).images.generate(prompt="x" * 70_000)
     assert raised.value.status_code == 413
     assert raised.value.code == "request_too_large"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -14,9 +15,11 @@ from fastapi import FastAPI
 from serve_app.api.routes import create_app
 from serve_app.faults import WorkerLost
 from serve_app.generation.pipeline import FluxGenerator, RenderedImage
-from serve_app.generation.planning import SamplingJob
+from serve_app.generation.planning import SamplingJob, plan_jobs
 from serve_app.generation.scheduling import RenderScheduler
-from serve_app.schemas import GenerateRequest
+from serve_app.inputs.pixels import RenderInputs
+from serve_app.schemas import GeneratedImage, GenerateRequest
+from serve_app.service import Destination
 from serve_app.settings import ServiceSettings
 from serve_app.storage.local import LocalImageStore
 
@@ -46,14 +49,16 @@ class HeldRender:
         self.release = asyncio.Event()
         self.cancelled = False
 
-    async def __call__(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
+    async def __call__(
+        self, jobs: list[SamplingJob], inputs: RenderInputs
+    ) -> AsyncIterator[list[RenderedImage]]:
         self.started.set()
         try:
             await self.release.wait()
         except asyncio.CancelledError:
             self.cancelled = True
             raise
-        async for batch in self.scheduler.render(jobs):
+        async for batch in self.scheduler.render(jobs, inputs):
             yield batch
 
 
@@ -157,13 +162,65 @@ def test_cancelling_a_request_stops_the_pipeline_at_its_next_step(
     assert generator.pipeline.interrupt  # it was stopped, not run to its end
 
 
+class HeldStore(LocalImageStore):
+    """Stores for real (uploads run in threads), but holds one key's upload until released."""
+
+    def __init__(self, root: Path, held_key_part: str) -> None:
+        super().__init__(root, public_base_url=None)
+        self.held_key_part = held_key_part
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        if self.held_key_part in key:
+            self.entered.set()
+            self.release.wait(60)
+        super().put(key, data, content_type)
+
+
+def test_a_caller_that_stops_mid_batch_hears_of_every_image_stored(
+    settings: ServiceSettings, make_service: MakeService, tmp_path: Path
+) -> None:
+    """What a job needs: the images it reports are exactly the images stored, also when it is
+    cancelled while a batch is being uploaded."""
+    store = HeldStore(tmp_path / "images", held_key_part="/0001-")
+    service = make_service(settings, store)
+    request = GenerateRequest.model_validate({**SMALL, "nof_images": 4})
+    destination = Destination("stopped", "nonce", "http://x")
+    heard: list[int] = []
+
+    async def on_stored(image: GeneratedImage) -> None:
+        heard.append(image.index)
+
+    async def consume() -> None:
+        jobs = plan_jobs(request, settings)
+        async for _ in service.make_images(jobs, request, destination, None, on_stored):
+            pass
+
+    async def scenario() -> None:
+        task = asyncio.create_task(consume())
+        await asyncio.to_thread(store.entered.wait, 60)
+        task.cancel()  # while image 1 is being written
+        await asyncio.sleep(0)
+        store.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    stored = sorted(path.name for path in (tmp_path / "images" / "stopped").iterdir())
+    assert len(stored) == 4  # one batch: all four uploads had started
+    assert sorted(heard) == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
-def test_an_oversized_body_is_a_413(client_app: FastAPI, chunked: bool) -> None:
-    body = b'{"prompt": "' + b"x" * 70_000 + b'"}'
+def test_an_oversized_body_is_a_413(
+    client_app: FastAPI, settings: ServiceSettings, chunked: bool
+) -> None:
+    body = b'{"prompt": "' + b"x" * settings.max_body_bytes + b'"}'
 
     async def chunks() -> AsyncIterator[bytes]:
-        for start in range(0, len(body), 8192):
-            yield body[start : start + 8192]
+        for start in range(0, len(body), 2**16):
+            yield body[start : start + 2**16]
 
     async def scenario(client: httpx.AsyncClient) -> None:
         content = chunks() if chunked else body
@@ -172,7 +229,7 @@ def test_an_oversized_body_is_a_413(client_app: FastAPI, chunked: bool) -> None:
         )
         assert response.status_code == 413
         assert response.json()["error"]["type"] in {"request_too_large", "http_error"}
-        assert "65536 bytes" in response.json()["error"]["message"]
+        assert f"{settings.max_body_bytes} bytes" in response.json()["error"]["message"]
 
     call(client_app, scenario)
 
@@ -192,9 +249,11 @@ class LosesAWorker:
         self.losses = losses
         self.calls: list[list[int]] = []
 
-    async def __call__(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
+    async def __call__(
+        self, jobs: list[SamplingJob], inputs: RenderInputs
+    ) -> AsyncIterator[list[RenderedImage]]:
         self.calls.append([job.index for job in jobs])
-        async for batch in self.scheduler.render(jobs):
+        async for batch in self.scheduler.render(jobs, inputs):
             yield batch
             if self.losses:
                 self.losses -= 1

@@ -19,6 +19,7 @@ from serve_app.api.routes import create_app
 from serve_app.generation.pipeline import RenderedImage
 from serve_app.generation.planning import SamplingJob
 from serve_app.generation.scheduling import RenderScheduler
+from serve_app.inputs.pixels import RenderInputs
 from serve_app.settings import ServiceSettings
 from serve_app.storage.base import StorageError
 from serve_app.storage.s3 import S3ImageStore
@@ -208,9 +209,9 @@ def test_the_server_going_away_mid_request_is_a_503(
             await asyncio.sleep(0.05)
 
     async def render_then_lose_the_server(
-        jobs: list[SamplingJob],
+        jobs: list[SamplingJob], inputs: RenderInputs
     ) -> AsyncIterator[list[RenderedImage]]:
-        async for batch in scheduler.render(jobs):
+        async for batch in scheduler.render(jobs, inputs):
             if batch[0].job.index > 0:
                 await first_batch_stored()
                 s3.kill()

@@ -11,6 +11,7 @@ import pytest
 from serve_app.generation.pipeline import FluxGenerator, RenderedImage
 from serve_app.generation.planning import SamplingJob
 from serve_app.generation.scheduling import RenderScheduler, round_robin
+from serve_app.inputs.pixels import RenderInputs
 from serve_app.schemas import SamplingParams
 
 from .images import mean_abs_difference
@@ -43,7 +44,12 @@ class RecordingGenerator:
         self.gates[call_number] = threading.Event()
         return self.reached[call_number], self.gates[call_number]
 
-    def sample(self, batch: list[SamplingJob], cancelled: threading.Event | None = None) -> Any:
+    def sample(
+        self,
+        batch: list[SamplingJob],
+        cancelled: threading.Event | None = None,
+        inputs: RenderInputs | None = None,
+    ) -> Any:
         number = len(self.sampled)
         self.sampled.append([(job.prompt, job.index) for job in batch])
         if number in self.gates:
@@ -51,7 +57,7 @@ class RecordingGenerator:
             assert self.gates[number].wait(30), "the test never opened the gate"
         self._maybe_fail("sample", batch)
         try:
-            return self.generator.sample(batch, cancelled)
+            return self.generator.sample(batch, cancelled, inputs)
         finally:
             self.interrupted.append(self.generator.pipeline.interrupt)
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from .conftest import ServeCluster
 from .sse import parse_events
+from .test_http_api import docs_pages_load_from_the_service
 from .test_schemas import ORIGINAL_CLIENT
 
 pytestmark = pytest.mark.ray
@@ -110,6 +111,11 @@ def test_bad_input_is_a_422_naming_the_field(
     response = post(serve_cluster, payload)
     assert response.status_code == 422
     assert response.json()["error"]["param"] == param
+
+
+def test_the_api_docs_load_through_the_proxy(serve_cluster: ServeCluster) -> None:
+    with httpx.Client(base_url=serve_cluster.url, timeout=30) as client:
+        docs_pages_load_from_the_service(client)
 
 
 def test_each_gpu_worker_replica_sees_its_own_gpu(serve_cluster: ServeCluster) -> None:  # noqa: ARG001

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
 import statistics
 import time
@@ -13,12 +11,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
-from serve_app.client.events import aread_events, read_events
+from serve_app.client.events import aread_events
 
 from .conftest import ServeCluster, extra_application
+from .metrics import growth, images_by_replica, memory_by_process
+from .midway import loses_no_image_when
 
 pytestmark = pytest.mark.ray
 
@@ -42,17 +41,6 @@ def fault_app(
         yield f"{serve_cluster.url}{prefix}", storage
 
 
-def images_by_replica(metrics_url: str) -> dict[str, float]:
-    """Images generated so far by each FluxWorker replica of the fault application."""
-    counts = {}
-    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
-        if line.startswith("ray_flux_images_generated_total{") and 'application="faults"' in line:
-            labels, _, value = line.rpartition(" ")
-            replica = labels.split('replica="', 1)[1].split('"', 1)[0]
-            counts[replica] = counts.get(replica, 0.0) + float(value)
-    return counts
-
-
 def images_each_replica_made(
     metrics_url: str, expected: int, requests: Callable[[], None]
 ) -> list[float]:
@@ -62,7 +50,7 @@ def images_each_replica_made(
     before: dict[str, float] = {}
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        current = images_by_replica(metrics_url)
+        current = images_by_replica(metrics_url, "faults")
         if current == before and current:
             break
         before = current
@@ -71,7 +59,7 @@ def images_each_replica_made(
     deadline = time.monotonic() + 60
     grown: dict[str, float] = {}
     while time.monotonic() < deadline:
-        after = images_by_replica(metrics_url)
+        after = images_by_replica(metrics_url, "faults")
         grown = {r: n - before.get(r, 0.0) for r, n in after.items() if n > before.get(r, 0.0)}
         if sum(grown.values()) >= expected:
             break
@@ -164,48 +152,7 @@ def test_a_replica_killed_mid_request_loses_no_image(
     fault_app: tuple[str, Path], deployment: str
 ) -> None:
     url, storage = fault_app
-    # Two shards of eight jobs, two batches each: when the first image is out, both workers
-    # still have a batch to make.
-    payload = {
-        "prompt": "a red cat",
-        "nof_images": 16,
-        "gpus": 2,
-        "stream": True,
-        "diversity": {"nof_steps": [12]},
-    }
-    killed = None
-    events = []
-    with httpx.stream("POST", f"{url}/generate", json=payload, timeout=180) as response:
-        assert response.status_code == 200
-        for event in read_events(response.iter_lines()):
-            events.append((event.event, json.loads(event.data)))
-            if killed is None:
-                killed = kill_a_replica(deployment)
-    assert killed is not None
-    names = [event for event, _ in events]
-    assert names[-1] == "result", events[-1]
-    result = events[-1][1]
-    assert sorted(image["index"] for image in result["images"]) == list(range(16))
-    # Each image stored exactly once, retries included.
-    assert len(list((storage / result["request_id"]).iterdir())) == 16
-
-
-def memory_by_process() -> dict[int, int]:
-    """RSS of every process this test session started (Ray's included), by pid, in bytes."""
-    sizes = {}
-    for process in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            # A replica still loading its model is growing by design: not a settled process.
-            if "initialize" not in process.name():
-                sizes[process.pid] = process.memory_info().rss
-    return sizes
-
-
-def growth(settled: dict[int, int], before: dict[int, int], after: dict[int, int]) -> int:
-    """How much the processes that were already running at ``settled`` grew from ``before`` to
-    ``after``: replicas that autoscaling adds meanwhile load their models, which is not growth."""
-    common = settled.keys() & before.keys() & after.keys()
-    return sum(after[pid] - before[pid] for pid in common)
+    loses_no_image_when(lambda: kill_a_replica(deployment), url, storage, timeout_s=180)
 
 
 async def load(url: str, requests: int, concurrency: int) -> tuple[Counter[int], list[float]]:

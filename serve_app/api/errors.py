@@ -8,6 +8,7 @@ their own typed errors.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -21,22 +22,21 @@ from starlette.types import Scope
 
 from serve_app.api.auth import AuthenticationError
 from serve_app.api.openai.protocol import API_PREFIX, OpenAIErrorBody, OpenAIErrorEnvelope
-from serve_app.faults import Overloaded, RequestTimedOut, WorkerLost
+from serve_app.faults import (
+    InvalidParameter,
+    KeyAtCapacity,
+    Overloaded,
+    RequestTimedOut,
+    WorkerLost,
+)
 from serve_app.generation.adapter_library import AdapterRefused
 from serve_app.generation.adapter_sources import LibraryUnavailable
+from serve_app.inputs.errors import InputFetchFailed
 from serve_app.jobs.store import IdempotencyConflict, JobFinished, JobNotFound, JobStoreUnavailable
 from serve_app.schemas import ErrorBody, ErrorEnvelope
 from serve_app.storage.base import StorageError
 
 logger = logging.getLogger(__name__)
-
-
-class InvalidParameter(ValueError):
-    """A request field that passed the schema but can't be served; a 422 naming ``param``."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,8 @@ def problem_for(error: Exception) -> Problem:
     """What a client is told about an error raised while serving its request."""
     if isinstance(error, StorageError):
         return Problem(503, "storage_error", f"storing the images failed: {error}")
+    if isinstance(error, KeyAtCapacity):
+        return Problem(429, "key_at_capacity", str(error))
     if isinstance(error, Overloaded):
         return Problem(503, "overloaded", str(error))
     if isinstance(error, RequestTimedOut):
@@ -64,6 +66,8 @@ def problem_for(error: Exception) -> Problem:
         return Problem(503, "library_unavailable", f"the adapter library: {error}")
     if isinstance(error, JobStoreUnavailable):
         return Problem(503, "broker_unavailable", str(error))
+    if isinstance(error, InputFetchFailed):
+        return Problem(424, "input_fetch_failed", str(error), error.param)
     if isinstance(error, InvalidParameter | AdapterRefused):
         return Problem(422, "invalid_request", str(error), error.param)
     if isinstance(error, JobNotFound):
@@ -100,11 +104,16 @@ def documented_errors(*, openai: bool) -> dict[int | str, dict[str, Any]]:
         400: invalid if openai else "The body could not be read as UTF-8 JSON.",
         401: "API keys are on and none valid was sent.",
         413: "The request body is too large.",
-        503: "Overloaded (see Retry-After), storage failed, or workers were lost.",
+        429: "The API key holds its whole share of the capacity (see Retry-After).",
+        503: "Overloaded: the request could not finish within its deadline behind the work "
+        "admitted (see Retry-After); or storage failed, or workers were lost.",
         504: "The request passed its deadline.",
     }
+    fetch_failed = "An input image URL could not be fetched (timed out, unreachable, not a 2xx)."
     # Under /v1 every invalid request is a 400; listing 4XX also keeps FastAPI from adding a 422.
-    answers.update({"4XX": "Any other client error."} if openai else {422: invalid})
+    answers.update(
+        {"4XX": "Any other client error."} if openai else {422: invalid, 424: fetch_failed}
+    )
     envelope = OpenAIErrorEnvelope if openai else ErrorEnvelope
     return {status: {"model": envelope, "description": text} for status, text in answers.items()}
 
@@ -149,7 +158,7 @@ async def _authentication_error(request: Request, error: Exception) -> JSONRespo
 
 def retry_after(status: int, seconds: int) -> dict[str, str]:
     """The Retry-After header for answers that a later retry may fix."""
-    return {"Retry-After": str(seconds)} if status == 503 else {}
+    return {"Retry-After": str(seconds)} if status in (429, 503) else {}
 
 
 def _dotted(location: tuple[int | str, ...]) -> str:
@@ -158,16 +167,50 @@ def _dotted(location: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in parts)
 
 
+def _is_json(content_type: str) -> bool:
+    # What FastAPI parses as JSON: application/json and application/*+json.
+    media_type = content_type.split(";")[0].strip().lower()
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+
+
+def _body_problem(problem: dict[str, Any], content_type: str, body: Any) -> str | None:
+    """What is wrong with the body as a whole, in words a client acts on; None for a field."""
+    location = tuple(problem["loc"])
+    if problem["type"] == "json_invalid":
+        # FastAPI keeps only the decoder's message and offset: say where, as the decoder would.
+        reason, offset = problem["ctx"]["error"], location[-1]
+        if isinstance(body, str) and isinstance(offset, int):
+            decoded = json.JSONDecodeError(reason, body, offset)
+            return (
+                f"the body is not valid JSON: {reason} at line {decoded.lineno} "
+                f"column {decoded.colno}"
+            )
+        return f"the body is not valid JSON: {reason}"
+    if location != ("body",):
+        return None
+    # Without a JSON content type FastAPI hands the model the raw bytes, whatever they hold.
+    if not _is_json(content_type):
+        return "send the body as JSON with content-type: application/json"
+    if problem["type"] == "missing":
+        return "the body is empty; send a JSON object"
+    return "the body must be a JSON object"
+
+
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
     problems = error.errors()
     first = problems[0]
-    message = "; ".join(
-        f"{_dotted(problem['loc']) or 'body'}: {problem['msg']}" for problem in problems
-    )
-    problem = Problem(
-        422, "invalid_request", message, _dotted(first["loc"]) or None, code=first["type"]
-    )
+    whole_body = _body_problem(first, request.headers.get("content-type", ""), error.body)
+    if whole_body is not None:
+        message, param = whole_body, None
+    else:
+        message = "; ".join(
+            f"{_dotted(problem['loc']) or 'body'}: {problem['msg']}" for problem in problems
+        )
+        param = _dotted(first["loc"]) or None
+    problem = Problem(422, "invalid_request", message, param, code=first["type"])
     return problem_response(problem, api_path(request.scope))
 
 
@@ -179,7 +222,8 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
 
 async def _mapped_error(request: Request, error: Exception) -> JSONResponse:
     problem = problem_for(error)
-    headers = retry_after(problem.status, request.app.state.retry_after_s)
+    estimated = error.retry_after_s if isinstance(error, Overloaded) else None
+    headers = retry_after(problem.status, estimated or request.app.state.retry_after_s)
     return problem_response(problem, api_path(request.scope), headers)
 
 
@@ -197,6 +241,7 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         WorkerLost,
         AdapterRefused,
         LibraryUnavailable,
+        InputFetchFailed,
         JobStoreUnavailable,
         InvalidParameter,
         JobNotFound,

@@ -16,8 +16,9 @@ from fastapi import APIRouter, Depends, Header, Path, Request
 from fastapi.responses import JSONResponse
 
 from serve_app.api.auth import key_owner
-from serve_app.api.errors import InvalidParameter
 from serve_app.api.outbound import OutboundURLRefused, check_outbound_url
+from serve_app.faults import InvalidParameter
+from serve_app.inputs.reading import read_inputs
 from serve_app.jobs.runner import JobEnds, JobQueue
 from serve_app.jobs.schemas import FINAL_STATUSES, Job, JobRequest
 from serve_app.jobs.store import JobFinished, JobNotFound, JobStore, JobStoreUnavailable
@@ -116,6 +117,9 @@ def jobs_router(
         """Queue a generation; the answer comes at once, the images later."""
         if body.webhook is not None:
             await check_webhook(body.webhook)
+        # A bad or unreachable input is a 4xx now, not a failed job later; the job reads it
+        # again when it runs (it keeps the request, not the pixels).
+        await read_inputs(body, settings)
         # The body as sent makes the fingerprint; the job keeps the adapters' digests of now.
         idempotency = (idempotency_key, _fingerprint(body)) if idempotency_key else None
         created = await store.create(

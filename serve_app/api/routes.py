@@ -10,11 +10,12 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.background import BackgroundTask
 
-from serve_app.api.admission import Admission, Slot
-from serve_app.api.auth import api_key_guard
+from serve_app.api.admission import Admission, Ticket
+from serve_app.api.auth import api_key_guard, key_owner
 from serve_app.api.errors import (
     documented_errors,
     envelope_for,
@@ -26,6 +27,8 @@ from serve_app.api.middleware import BodySizeLimitMiddleware, OutcomeMiddleware,
 from serve_app.api.openai.router import IMAGE_PATHS, openai_router
 from serve_app.api.playground import playground_page
 from serve_app.faults import deadline
+from serve_app.generation.planning import plan_jobs
+from serve_app.inputs.fitting import RequestInputs
 from serve_app.jobs.store import JobStoreUnavailable
 from serve_app.schemas import (
     GeneratedImage,
@@ -56,14 +59,17 @@ async def event_stream(
     request: GenerateRequest,
     request_id: str,
     base_url: str,
-    slot: Slot,
+    ticket: Ticket,
+    inputs: RequestInputs | None = None,
 ) -> AsyncIterator[str]:
     """``image`` events as images are stored, then ``result`` (or ``error``) with the answer."""
     started = time.perf_counter()
     images: list[GeneratedImage] = []
     try:
         async with deadline(service.settings.request_timeout_s):
-            async for image in service.images(request, request_id, base_url):
+            async for image in service.images(
+                request, request_id, base_url, inputs, ticket.progress
+            ):
                 images.append(image)
                 yield server_sent_event("image", image)
     except Exception as error:  # noqa: BLE001 - headers are sent: the error must go in the stream
@@ -72,7 +78,7 @@ async def event_stream(
         yield server_sent_event("error", envelope)
         return
     finally:
-        slot.release()
+        ticket.release()
     service.telemetry.request_finished("success")
     if request.top_k is None:
         images.sort(key=lambda image: image.index)
@@ -91,10 +97,13 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI application of the ingress; ``echo_request_id`` puts X-Request-Id on every
     response (leave it to a proxy that does so already); with ``jobs``, ``/jobs`` too."""
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI and ReDoc from the service itself, not from a CDN, so that
+    # they work on a cluster without internet; Swagger UI's online validator is off.
+    app = FastAPIOffline(
         title="flux-serve",
         summary="Text to images with FLUX.1, ranked and stored.",
         version="0.1.0",
+        swagger_ui_parameters={"validatorUrl": None},
     )
     settings = service.settings
     install_error_handlers(app, settings.retry_after_s)
@@ -105,7 +114,11 @@ def create_app(
     )
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
     authenticated = [Depends(api_key_guard(settings.api_keys))]
-    admission = Admission(settings.max_concurrent_requests)
+    owner_of_key = Depends(key_owner(settings.api_keys))
+    # On the app's state, where operators' tools and the tests can read the estimates.
+    admission = app.state.admission = Admission(settings)
+    # Where a request refused for overload may go instead.
+    elsewhere = "POST /jobs" if jobs is not None else None
 
     @app.post(
         "/generate",
@@ -121,7 +134,9 @@ def create_app(
         },
     )
     async def generate(
-        body: GenerateRequest, request: Request
+        body: GenerateRequest,
+        request: Request,
+        owner: str = owner_of_key,
     ) -> GenerateResponse | StreamingResponse:
         """Generate, rank and store images for a prompt."""
         started = time.perf_counter()
@@ -130,25 +145,35 @@ def create_app(
         logger.debug("request %s: prompt %r", request_id, body.prompt)
         # Adapters are checked (and pinned) first: a bad one is a 422, even for a stream.
         body = await service.pin_loras(body)
-        slot = admission.admit()
+        # Before any answer: a bad or unreachable input is a 4xx, for a stream too. Read before
+        # admission, because the input decides the size, and so the cost, of the images.
+        inputs = await service.read_inputs(body)
+        # Per-key shares while API keys are on ('' is everyone while they are off).
+        ticket = admission.admit(
+            plan_jobs(body, settings, inputs), body.gpus, owner or None, elsewhere
+        )
         if body.stream:
             return StreamingResponse(
-                event_stream(service, body, request_id, base_url, slot),
+                event_stream(service, body, request_id, base_url, ticket, inputs),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
-                # Also frees the slot of a stream the client left before it began.
-                background=BackgroundTask(slot.release),
+                # Also frees the ticket of a stream the client left before it began.
+                background=BackgroundTask(ticket.release),
             )
         try:
             async with deadline(settings.request_timeout_s):
-                return await service.generate(body, request_id, base_url, started)
+                return await service.generate(
+                    body, request_id, base_url, started, inputs, ticket.progress
+                )
         finally:
-            slot.release()
+            ticket.release()
 
-    app.include_router(openai_router(service, admission, authenticated))
+    app.include_router(
+        openai_router(service, admission, authenticated, key_owner(settings.api_keys), elsewhere)
+    )
     if jobs is not None:
         client_errors: dict[int | str, dict[str, Any]] = {
-            code: _ERRORS[code] for code in (400, 401, 413, 422)
+            code: _ERRORS[code] for code in (400, 401, 413, 422, 424)
         }
         router = jobs_router(
             jobs, settings, service.telemetry, client_errors, pin_loras=service.pin_loras

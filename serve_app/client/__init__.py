@@ -1,7 +1,8 @@
 """The Python client of the REST API (sync and async) and the ``flux-serve`` command.
 
 ``from serve_app.client import FluxClient`` is the documented entry point; the client lives in
-``flux_client``, server-sent event decoding in ``events`` and the command in ``cli``.
+``flux_client``, server-sent event decoding in ``events``, input files as data: URLs in
+``images`` and the command in ``cli``.
 """
 
 from serve_app.client.flux_client import (
@@ -14,6 +15,7 @@ from serve_app.client.flux_client import (
     FluxProtocolError,
     FluxTimeoutError,
 )
+from serve_app.client.images import image_data_url
 
 __all__ = [
     "DEFAULT_URL",
@@ -24,4 +26,5 @@ __all__ = [
     "FluxError",
     "FluxProtocolError",
     "FluxTimeoutError",
+    "image_data_url",
 ]

@@ -24,7 +24,9 @@ from serve_app.client.flux_client import (
     FluxError,
     FluxTimeoutError,
 )
+from serve_app.client.images import image_source
 from serve_app.jobs.schemas import Job, JobRequest
+from serve_app.models.sources import quiet_progress_bars
 from serve_app.models.tiny import TINY_CLIP_NAME, TINY_FLUX_NAME, TINY_LORAS_NAME, ensure_tiny_model
 from serve_app.schemas import Diversity, GeneratedImage, GenerateRequest, Lora, SeedMode
 from serve_app.settings import get_settings
@@ -59,6 +61,7 @@ _PIPED_WIDTH = 1000
 def build_tiny_models(cache_dir: Path) -> None:
     """Build the embedded tiny FLUX, its LoRA library and CLIP into ``cache_dir`` (each kept if
     already there)."""
+    quiet_progress_bars()  # the folders go to stdout; a bar per saved file is noise on stderr
     for name in (TINY_FLUX_NAME, TINY_LORAS_NAME, TINY_CLIP_NAME):
         print(ensure_tiny_model(name, cache_dir))
 
@@ -306,6 +309,9 @@ def _fields(arguments: argparse.Namespace) -> dict[str, Any]:
         "top_k": arguments.top_k,
         "width": arguments.width,
         "height": arguments.height,
+        "image": arguments.image,
+        "mask": arguments.mask,
+        "strength": arguments.strength,
         "negative_prompt": arguments.negative_prompt,
         "base_seed": arguments.base_seed,
         "diversity": Diversity.model_construct(**diversity) if diversity else None,
@@ -335,6 +341,13 @@ def _lora(text: str) -> Lora:
         return Lora.model_construct(name=name, scale=float(scale) if separator else 1.0)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"{text!r}: the scale is not a number") from error
+
+
+def _image_argument(text: str) -> str:
+    try:
+        return image_source(text)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error.strerror or error}") from error
 
 
 def _service_url(text: str) -> str:
@@ -405,6 +418,25 @@ def _request_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--height", metavar="PX", type=int, help="Height in pixels, a multiple of 16."
+    )
+    parser.add_argument(
+        "--image",
+        metavar="FILE",
+        type=_image_argument,
+        help="Input image for image-to-image (PNG, JPEG or WebP; or an https:// URL the "
+        "service may fetch).",
+    )
+    parser.add_argument(
+        "--mask",
+        metavar="FILE",
+        type=_image_argument,
+        help="Inpainting mask of the image's size: white is repainted, black kept.",
+    )
+    parser.add_argument(
+        "--strength",
+        metavar="S",
+        type=float,
+        help="How much of the image is repainted, in (0, 1] (default 0.8).",
     )
     parser.add_argument(
         "--negative-prompt", metavar="TEXT", help="What to steer away from (cfg above 1)."

@@ -7,15 +7,18 @@ import threading
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.generation.adapter_runtime import AdapterRuntime, adapter_runtime
+from serve_app.generation.modes import ModePipelines, input_arguments, keep_unmasked
 from serve_app.generation.planning import SamplingJob
 from serve_app.generation.prompts import PromptEncoder
 from serve_app.generation.quantization import quantize_transformer, quiet_torchao_import
 from serve_app.generation.samplers import make_scheduler
 from serve_app.generation.speedups import apply_speedups, compile_pipeline
 from serve_app.generation.threads import apply_torch_threads
+from serve_app.inputs.pixels import RenderInputs
+from serve_app.models.image_processors import use_pil_image_processors
 from serve_app.models.sources import (
     quiet_progress_bars,
     resolve_source,
@@ -23,7 +26,7 @@ from serve_app.models.sources import (
     select_dtype,
 )
 from serve_app.models.tiny import TINY_FLUX_NAME
-from serve_app.schemas import SamplingParams
+from serve_app.schemas import Mode, SamplingParams
 from serve_app.settings import ServiceSettings
 from serve_app.storage import codec
 from serve_app.telemetry import Telemetry
@@ -42,6 +45,8 @@ class RenderedImage(BaseModel):
 
     job: SamplingJob
     data: bytes
+    compute_s: float = Field(0.0, ge=0, description="Its share of its batch's pipeline seconds.")
+    worker: str = Field("", description="The worker that made it.")
 
 
 class FluxGenerator:
@@ -57,6 +62,7 @@ class FluxGenerator:
         in its dtype (the GPU benchmark builds one with random weights in place); ``telemetry``
         hears of the adapter cache."""
         quiet_torchao_import()
+        use_pil_image_processors()
         from diffusers import FluxPipeline
 
         quiet_progress_bars()
@@ -82,6 +88,8 @@ class FluxGenerator:
         self.adapters: AdapterRuntime | None = adapter_runtime(self.pipeline, settings, telemetry)
         compile_pipeline(self.pipeline, settings)
         self.prompts = PromptEncoder(self.pipeline, settings.prompt_cache_size)
+        # After the speed-ups, which change the shared components in place.
+        self.modes = ModePipelines(self.pipeline)
         # One pipeline, one scheduler slot: calls from several threads must take turns.
         self._lock = threading.Lock()
         if settings.warmup:
@@ -133,9 +141,11 @@ class FluxGenerator:
         if not torch.isfinite(latents).all():
             raise RuntimeError(f"the FLUX pipeline on {self.device} produces non-finite values")
 
-    def pipeline_arguments(self, batch: list[SamplingJob]) -> dict[str, Any]:
-        """The FluxPipeline call that makes exactly the images ``batch`` names; the caller holds
-        the lock (it runs the text encoders for prompts not encoded recently)."""
+    def pipeline_arguments(
+        self, batch: list[SamplingJob], inputs: RenderInputs | None = None
+    ) -> dict[str, Any]:
+        """The pipeline call that makes exactly the images ``batch`` names, from ``inputs``;
+        the caller holds the lock (it runs the text encoders for prompts not encoded recently)."""
         first = batch[0]
         params = first.params
         true_cfg = not self.guidance_distilled and params.cfg_scale > 1.0
@@ -156,10 +166,15 @@ class FluxGenerator:
             arguments["guidance_scale"] = params.cfg_scale
         elif true_cfg:
             arguments["true_cfg_scale"] = params.cfg_scale
+        arguments.update(input_arguments(batch, inputs or RenderInputs()))
         return arguments
 
     def _run(
-        self, sampler: str, arguments: dict[str, Any], cancelled: threading.Event | None
+        self,
+        sampler: str,
+        arguments: dict[str, Any],
+        cancelled: threading.Event | None,
+        mode: Mode = "text-to-image",
     ) -> Any:
         """One pipeline call; the caller holds the lock. Stops at the next denoising step once
         ``cancelled`` is set (the images are then never used)."""
@@ -171,28 +186,37 @@ class FluxGenerator:
                 pipeline._interrupt = True  # diffusers' documented way to end the loop early
             return tensors
 
+        pipeline = self.modes[mode]
         with torch.inference_mode():
-            self.pipeline.scheduler = make_scheduler(sampler, self._scheduler_config)
-            return self.pipeline(**arguments, callback_on_step_end=stop_when_cancelled).images
+            pipeline.scheduler = make_scheduler(
+                sampler, self._scheduler_config, arguments["generator"]
+            )
+            return pipeline(**arguments, callback_on_step_end=stop_when_cancelled).images
 
     def sample(
-        self, batch: list[SamplingJob], cancelled: threading.Event | None = None
+        self,
+        batch: list[SamplingJob],
+        cancelled: threading.Event | None = None,
+        inputs: RenderInputs | None = None,
     ) -> list[Any]:
-        """The images of jobs that share a batch key, from one pipeline call, not yet encoded.
+        """The images of jobs that share a batch key, from one pipeline call, not yet encoded;
+        ``inputs`` has the input images (and masks) the jobs name.
 
         Raises RenderCancelled when ``cancelled`` was set before the call ended.
         """
         keys = {job.batch_key() for job in batch}
         if len(keys) != 1:
             raise ValueError(f"a batch must share one batch key, got {len(keys)}")
+        inputs = inputs or RenderInputs()
+        params = batch[0].params
         with self._lock:
             if self.adapters is not None:
-                self.adapters.activate(batch[0].params.loras)
-            arguments = self.pipeline_arguments(batch)
-            images: list[Any] = self._run(batch[0].params.sampler, arguments, cancelled)
+                self.adapters.activate(params.loras)
+            arguments = self.pipeline_arguments(batch, inputs)
+            images: list[Any] = self._run(params.sampler, arguments, cancelled, params.mode)
         if cancelled is not None and cancelled.is_set():
             raise RenderCancelled(f"cancelled batch of {len(batch)} images")
-        return images
+        return keep_unmasked(batch, images, inputs)
 
     def encode(self, batch: list[SamplingJob], images: list[Any]) -> list[RenderedImage]:
         """The sampled ``images`` of ``batch``, encoded for storage; needs no pipeline."""
@@ -205,7 +229,10 @@ class FluxGenerator:
         ]
 
     def render(
-        self, batch: list[SamplingJob], cancelled: threading.Event | None = None
+        self,
+        batch: list[SamplingJob],
+        cancelled: threading.Event | None = None,
+        inputs: RenderInputs | None = None,
     ) -> list[RenderedImage]:
         """Make and encode the images of jobs that share a batch key, in one pipeline call."""
-        return self.encode(batch, self.sample(batch, cancelled))
+        return self.encode(batch, self.sample(batch, cancelled, inputs))

@@ -9,6 +9,7 @@ import secrets
 from pydantic import BaseModel, ConfigDict
 
 from serve_app.generation.profiles import ModelProfile
+from serve_app.inputs.fitting import RequestInputs
 from serve_app.schemas import MAX_SEED, GenerateRequest, Lora, SamplingParams, SeedMode
 from serve_app.settings import ImageFormat, ServiceSettings
 
@@ -27,11 +28,11 @@ class SamplingJob(BaseModel):
 
     def batch_key(self) -> tuple[object, ...]:
         """Jobs with equal keys can share one pipeline call, whichever request they come from:
-        prompts, negative prompts and seeds go into a pipeline call one per image; adapters and
-        their scales apply to the whole call."""
+        prompts, negative prompts, seeds and input images go into a pipeline call one per image;
+        adapters and their scales apply to the whole call."""
         p = self.params
         adapters = tuple((lora.digest, lora.scale) for lora in p.loras)
-        return (p.sampler, p.steps, p.cfg_scale, p.width, p.height, adapters)
+        return (p.sampler, p.steps, p.cfg_scale, p.width, p.height, p.mode, p.strength, adapters)
 
 
 def spread(combinations: int, count: int) -> list[int]:
@@ -60,10 +61,16 @@ def seed_for(mode: SeedMode, base_seed: int, index: int) -> int:
 
 
 def plan_jobs(
-    request: GenerateRequest, settings: ServiceSettings, loras: tuple[Lora, ...] = ()
+    request: GenerateRequest,
+    settings: ServiceSettings,
+    inputs: RequestInputs | None = None,
+    loras: tuple[Lora, ...] = (),
 ) -> list[SamplingJob]:
-    """The jobs of ``request``, one per image, in a deterministic order; every image applies
-    ``loras`` (the request's adapters as the library resolved them, digests included)."""
+    """The jobs of ``request``, one per image, in a deterministic order; a request with an image
+    needs its ``inputs`` read (serve_app/inputs/), which also decide the size. Every image
+    applies ``loras`` (the request's adapters as the library resolved them, digests included)."""
+    if (request.image is None) != (inputs is None):
+        raise ValueError("plan_jobs takes the inputs of a request with an image, and only then")
     native: ModelProfile = settings.native
     diversity = request.diversity
     combinations = list(
@@ -74,8 +81,12 @@ def plan_jobs(
         )
     )
     base_seed = request.base_seed or 0
-    width = request.width or settings.default_width
-    height = request.height or settings.default_height
+    if inputs is not None:
+        (width, height), from_inputs = inputs.size, inputs.sampling_fields()
+    else:
+        width = request.width or settings.default_width
+        height = request.height or settings.default_height
+        from_inputs = {}
     jobs = []
     for index, choice in enumerate(spread(len(combinations), request.nof_images)):
         sampler, steps, cfg_scale = combinations[choice]
@@ -87,6 +98,7 @@ def plan_jobs(
             width=width,
             height=height,
             loras=loras,
+            **from_inputs,
         )
         jobs.append(
             SamplingJob(

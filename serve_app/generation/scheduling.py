@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from serve_app.generation.adapter_library import AdapterRefused
 from serve_app.generation.pipeline import RenderCancelled, RenderedImage
 from serve_app.generation.planning import SamplingJob
+from serve_app.inputs.pixels import RenderInputs
 from serve_app.telemetry import NoTelemetry, Telemetry
 
 logger = logging.getLogger(__name__)
@@ -32,9 +33,13 @@ class BatchRenderer(Protocol):
     """What the scheduler needs of a FluxGenerator."""
 
     def sample(
-        self, batch: list[SamplingJob], cancelled: threading.Event | None = None
+        self,
+        batch: list[SamplingJob],
+        cancelled: threading.Event | None = None,
+        inputs: RenderInputs | None = None,
     ) -> list[Any]:
-        """The images of a batch, not yet encoded; RenderCancelled once ``cancelled`` is set."""
+        """The images of a batch from the ``inputs`` its jobs name, not yet encoded;
+        RenderCancelled once ``cancelled`` is set."""
 
     def encode(self, batch: list[SamplingJob], images: list[Any]) -> list[RenderedImage]:
         """The sampled images of a batch, encoded for storage."""
@@ -42,9 +47,10 @@ class BatchRenderer(Protocol):
 
 @dataclass(eq=False)
 class _Call:
-    """One render call: the jobs not yet in a batch, and where its images go."""
+    """One render call: the jobs not yet in a batch, their input images, where the images go."""
 
     pending: list[SamplingJob]
+    inputs: RenderInputs
     results: asyncio.Queue[list[RenderedImage] | BaseException] = field(
         default_factory=asyncio.Queue
     )
@@ -62,6 +68,12 @@ class _Batch:
     @property
     def jobs(self) -> list[SamplingJob]:
         return [job for _, job in self.members]
+
+    @property
+    def inputs(self) -> RenderInputs:
+        """The input images of every call in the batch (a batch may mix several requests')."""
+        calls = dict.fromkeys(call for call, _ in self.members)
+        return RenderInputs.merged(call.inputs for call in calls)
 
 
 def round_robin(queues: list[list[SamplingJob]], limit: int) -> list[tuple[int, SamplingJob]]:
@@ -90,8 +102,10 @@ class RenderScheduler:
         max_batch_size: int,
         across_calls: bool,
         telemetry: Telemetry | None = None,
+        worker: str = "local",
     ) -> None:
         self.generator = generator
+        self._worker = worker
         self._max_batch_size = max_batch_size
         self._across_calls = across_calls
         self._telemetry = telemetry or NoTelemetry()
@@ -103,9 +117,12 @@ class RenderScheduler:
         self._loop_task: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
 
-    async def render(self, jobs: list[SamplingJob]) -> AsyncIterator[list[RenderedImage]]:
-        """Yield the images of ``jobs`` in groups, each as soon as its batch is made."""
-        call = _Call(pending=list(jobs))
+    async def render(
+        self, jobs: list[SamplingJob], inputs: RenderInputs | None = None
+    ) -> AsyncIterator[list[RenderedImage]]:
+        """Yield the images of ``jobs`` (from the ``inputs`` they name) in groups, each as soon
+        as its batch is made."""
+        call = _Call(pending=list(jobs), inputs=inputs or RenderInputs())
         self._calls.append(call)
         # Started on demand and ended when idle, so it always runs on the current event loop.
         if self._loop_task is None or self._loop_task.done():
@@ -157,7 +174,9 @@ class RenderScheduler:
             started = time.perf_counter()
             try:
                 # The pipeline blocks for the whole batch: keep it off the event loop.
-                images = await asyncio.to_thread(self.generator.sample, batch.jobs, batch.cancelled)
+                images = await asyncio.to_thread(
+                    self.generator.sample, batch.jobs, batch.cancelled, batch.inputs
+                )
             except asyncio.CancelledError:
                 batch.cancelled.set()  # the event loop is going away: free the pipeline too
                 raise
@@ -174,19 +193,22 @@ class RenderScheduler:
                 continue
             finally:
                 self._running = None
-            self._telemetry.stage_seconds("generation", time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self._telemetry.stage_seconds("generation", seconds)
             self._telemetry.images_generated(batch.jobs[0].params.sampler, len(batch.members))
-            delivery = asyncio.create_task(self._deliver(batch, images))
+            delivery = asyncio.create_task(self._deliver(batch, images, seconds))
             self._deliveries.add(delivery)  # the loop keeps only weak references to tasks
             delivery.add_done_callback(self._deliveries.discard)
 
-    async def _deliver(self, batch: _Batch, images: list[Any]) -> None:
-        """Encode a batch off the event loop while the next one samples, then hand it out."""
+    async def _deliver(self, batch: _Batch, images: list[Any], seconds: float) -> None:
+        """Encode a batch off the event loop while the next one samples, then hand it out, each
+        image with its share of the batch's time (its jobs cost the same: they share a key)."""
         by_call: dict[_Call, list[RenderedImage]] = {}
+        made = {"compute_s": seconds / len(batch.members), "worker": self._worker}
         try:
             rendered = await asyncio.to_thread(self.generator.encode, batch.jobs, images)
             for (call, _), image in zip(batch.members, rendered, strict=True):
-                by_call.setdefault(call, []).append(image)
+                by_call.setdefault(call, []).append(image.model_copy(update=made))
         except Exception as error:  # noqa: BLE001 - handed to the calls that wanted the batch
             self._hand_out(batch, error)
             return

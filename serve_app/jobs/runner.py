@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from serve_app.api.errors import envelope_for
+from serve_app.jobs.schemas import FINAL_STATUSES
 from serve_app.jobs.store import JobRecord, JobStore
 from serve_app.jobs.webhooks import WebhookDelivery
 from serve_app.schemas import ErrorBody, GeneratedImage, GenerateRequest, GenerateResponse
@@ -28,7 +29,8 @@ from serve_app.telemetry import NoTelemetry, Telemetry
 logger = logging.getLogger(__name__)
 
 RunOutcome = Literal["done", "handed_back"]
-"""done: nothing more to do with this delivery; handed_back: requeue it, the run was stopped."""
+"""done: nothing more to do with this delivery; handed_back: requeue it (the run was stopped and
+the job could not be queued again here)."""
 
 
 class JobQueue(Protocol):
@@ -42,9 +44,9 @@ class JobQueue(Protocol):
 
 
 class _Stopped(Exception):
-    """The run stopped before its end: cancelled, handed back or taken over."""
+    """The run stopped before its end: cancelled, handed back, or the job is another's now."""
 
-    def __init__(self, why: Literal["cancelled", "handed_back", "lease_lost"]) -> None:
+    def __init__(self, why: Literal["cancelled", "handed_back", "taken_over"]) -> None:
         super().__init__(why)
         self.why = why
 
@@ -92,41 +94,42 @@ class JobRunner:
         self._tick_s = min(1.0, settings.jobs_lease_s / 5)
 
     def hand_back(self) -> None:
-        """Stop every run at its next tick and hand its job back (the replica is stopping).
+        """Stop every run at its next tick and queue its job again for another runner (the
+        replica is stopping); deliveries that come after this are queued again untouched.
         Safe to call from any thread."""
         self._handing_back.set()
 
     async def run(self, job_id: str) -> RunOutcome:
         """One delivery of the job's task. Raises when the run failed and another may succeed
         (the queue retries it with backoff); the last allowed run fails the job instead."""
+        if self._handing_back.is_set():
+            return await self._requeue(job_id)
         settings = self.settings
         token = uuid.uuid4().hex
-        outcome, detail = await self.store.claim(
+        claim = await self.store.claim(
             job_id,
             token,
             lease_s=settings.jobs_lease_s,
             now=time.time(),
             max_attempts=settings.jobs_max_attempts,
         )
-        if outcome == "missing":
+        if claim.outcome == "missing":
             logger.warning("job %s: no such job (expired?), dropping its task", job_id)
             return "done"
-        if outcome == "final":
+        if claim.outcome == "final":
             await self.ends.announce(job_id)
             return "done"
-        if outcome == "leased":
-            # Another runner holds it. Celery gave this task again, so the one that runner holds
-            # is gone from the queue: keep one copy waiting, in case that runner dies.
-            await asyncio.to_thread(self.queue.submit, job_id, settings.jobs_lease_s)
+        if claim.outcome == "leased":
+            await self._stand_by(job_id)
             return "done"
-        if outcome == "exhausted":
-            message = f"the job's runs stopped without an end {detail} times; it was given up"
+        if claim.outcome == "exhausted":
+            message = f"the job's runs stopped without an end {claim.detail} times; it was given up"
             await self._fail(job_id, "", ErrorBody(type="job_failed", message=message))
             return "done"
         record = await self.store.record(job_id)
         assert record is not None  # claimed just now
-        attempt = int(detail)
-        if attempt == 1:
+        attempt = int(claim.detail)
+        if claim.first:
             self.telemetry.job_started(time.time() - record.created_at)
         try:
             await self._run_claimed(record, token)
@@ -136,8 +139,10 @@ class JobRunner:
                 self.telemetry.job_finished("cancelled")
                 await self.ends.announce(job_id)
             elif stopped.why == "handed_back":
-                await self.store.release(job_id, token)
-                return "handed_back"
+                await self.store.release(job_id, token, handed_back=True)
+                return await self._requeue(job_id)
+            else:
+                await self._stand_by(job_id)
             return "done"
         except Exception as error:
             if attempt < settings.jobs_max_attempts:
@@ -148,6 +153,23 @@ class JobRunner:
             _, envelope = envelope_for(error)
             await self._fail(job_id, token, envelope.error)
         return "done"
+
+    async def _requeue(self, job_id: str) -> RunOutcome:
+        """Queue the job again through this replica's own producer, so that it does not depend
+        on the stopping Celery consumer (whose requeue is lost when the delivery's unacked entry
+        is gone, and otherwise waits out the redelivery timeout when its connection closes)."""
+        try:
+            await asyncio.to_thread(self.queue.submit, job_id)
+        except Exception as error:  # noqa: BLE001 - the consumer's own requeue is the fallback
+            logger.warning("job %s: not queued again (%s), requeueing the delivery", job_id, error)
+            return "handed_back"
+        return "done"
+
+    async def _stand_by(self, job_id: str) -> None:
+        """Another runner holds the job. Celery gave this task again, so the delivery that runner
+        holds may no longer be in Redis's unacked set (a redelivered copy shares its delivery
+        tag): keep one delayed copy waiting, which takes over if that runner dies."""
+        await asyncio.to_thread(self.queue.submit, job_id, self.settings.jobs_lease_s)
 
     async def _fail(self, job_id: str, token: str, error: ErrorBody) -> None:
         if await self.store.finish(job_id, token, time.time(), error=error):
@@ -177,15 +199,23 @@ class JobRunner:
         )
         if await self.store.finish(record.job_id, token, time.time(), result=response):
             self.telemetry.job_finished("succeeded")
+        elif await self._held_by_another(record.job_id):
+            raise _Stopped("taken_over")
         else:
-            await self.store.finish(record.job_id, token, time.time())
+            await self.store.finish(record.job_id, token, time.time())  # cancelled: settle it
         await self.ends.announce(record.job_id)
+
+    async def _held_by_another(self, job_id: str) -> bool:
+        record = await self.store.record(job_id)
+        return record is not None and record.status not in FINAL_STATUSES
 
     async def _make_images(
         self, record: JobRecord, request: GenerateRequest
     ) -> list[GeneratedImage]:
         """The job's images: those earlier runs stored, and the rest, made now."""
-        plan = await self.store.plan(record.job_id, await self.service.plan(request))
+        # Read again on every run: a job stores its request, not the fitted pixels.
+        inputs = await self.service.read_inputs(request)
+        plan = await self.store.plan(record.job_id, await self.service.plan(request, inputs))
         stored = await self.store.stored_images(record.job_id)
         if request.top_k is not None:
             # Ranked images are stored only at the end: unless all K were, rank them all again.
@@ -194,12 +224,18 @@ class JobRunner:
             remaining = [job for job in plan if job.index not in stored]
         destination = Destination(record.job_id, record.attempt, record.base_url)
         made: list[GeneratedImage] = []
+
+        async def record_image(image: GeneratedImage) -> None:
+            await self.store.add_image(record.job_id, image)
+            made.append(image)
+
         if remaining:
-            async for image in self.service.make_images(remaining, request, destination):
-                await self.store.add_image(record.job_id, image)
-                made.append(image)
+            images = self.service.make_images(remaining, request, destination, inputs, record_image)
+            async for _ in images:
+                pass  # record_image has recorded each one as it was stored
         if request.top_k is not None:
-            return made or sorted(stored.values(), key=lambda i: (-(i.score or 0.0), i.index))
+            best = made or list(stored.values())
+            return sorted(best, key=lambda image: (-(image.score or 0.0), image.index))
         return sorted([*stored.values(), *made], key=lambda image: image.index)
 
     async def _watch(self, job_id: str, token: str) -> None:
@@ -209,8 +245,8 @@ class JobRunner:
             if self._handing_back.is_set():
                 raise _Stopped("handed_back")
             status = await self.store.renew(job_id, token, self.settings.jobs_lease_s)
-            if status is None:
-                logger.warning("job %s: lease lost, another runner took it over", job_id)
-                raise _Stopped("lease_lost")
             if status == "cancelled":
                 raise _Stopped("cancelled")
+            if status is None or status in FINAL_STATUSES:
+                logger.warning("job %s: another runner took it over", job_id)
+                raise _Stopped("taken_over")

@@ -70,36 +70,60 @@ class JobRecord:
 
 ClaimOutcome = Literal["claimed", "leased", "final", "exhausted", "missing"]
 
+
+@dataclass(frozen=True)
+class Claim:
+    """What a runner got when it tried to take a job for a run."""
+
+    outcome: ClaimOutcome
+    """claimed: this run holds it; leased: another runner does; final: it has ended;
+    exhausted: its runs are used up; missing: no such job (any more)."""
+    detail: str
+    """claimed: the run's number; leased: the status; final: the status; exhausted: the runs."""
+    first: bool = False
+    """claimed: whether this is the job's first run (it leaves the queue for the first time)."""
+
+
 # KEYS: job, lease. ARGV: token, lease ms, now, max attempts.
 _CLAIM = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {'missing', ''} end
-if status ~= 'queued' and status ~= 'running' then return {'final', status} end
+if not status then return {'missing', '', 0} end
+if status ~= 'queued' and status ~= 'running' then return {'final', status, 0} end
 local holder = redis.call('GET', KEYS[2])
-if holder and holder ~= ARGV[1] then return {'leased', status} end
+if holder and holder ~= ARGV[1] then return {'leased', status, 0} end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-if attempts > tonumber(ARGV[4]) then return {'exhausted', tostring(attempts - 1)} end
+if attempts > tonumber(ARGV[4]) then return {'exhausted', tostring(attempts - 1), 0} end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[1], 'status', 'running')
-redis.call('HSETNX', KEYS[1], 'started_at', ARGV[3])
-return {'claimed', tostring(attempts)}
+local first = redis.call('HSETNX', KEYS[1], 'started_at', ARGV[3])
+return {'claimed', tostring(attempts), first}
 """
 
-# KEYS: job, lease. ARGV: token, lease ms. The job's status, or false once the lease is lost.
+# KEYS: job, lease. ARGV: token, lease ms. The job's status, or false when another runner holds
+# the lease (or the job is gone). A lease that lapsed unclaimed (its runner was slow to renew)
+# is taken again: nobody else runs the job, so this runner must not give it up.
 _RENEW = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return false end
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return redis.call('HGET', KEYS[1], 'status')
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then return false end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'queued' or status == 'running' then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+end
+return status
 """
 
-# KEYS: job, lease. ARGV: token.
+# KEYS: job, lease. ARGV: token, refund (1: the run does not count, it was handed back).
 _RELEASE = """
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+  if ARGV[2] == '1' then redis.call('HINCRBY', KEYS[1], 'attempts', -1) end
+end
 return 1
 """
 
 # KEYS: job, lease, images, plan. ARGV: token, status, field, value, now, retention s.
-# With a status: end the job, if it is running (or queued) and ``token`` ('' for any) holds it.
+# With a status: end the job, if it is running (or queued) and ``token`` ('' for any) holds it,
+# or nobody does (the lease lapsed while the runner was slow: its result is still the job's).
 # Then, for a job that has ended by whatever way: drop the lease and let the records expire.
 # 1 when this call ended the job.
 _FINISH = """
@@ -107,7 +131,7 @@ local status = redis.call('HGET', KEYS[1], 'status')
 local holder = redis.call('GET', KEYS[2])
 local ended = 0
 if ARGV[2] ~= '' and (status == 'running' or status == 'queued') and
-   (ARGV[1] == '' or holder == ARGV[1]) then
+   (ARGV[1] == '' or not holder or holder == ARGV[1]) then
   redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[5], ARGV[3], ARGV[4])
   status = ARGV[2]
   ended = 1
@@ -322,28 +346,29 @@ class JobStore:
 
     async def claim(
         self, job_id: str, token: str, *, lease_s: float, now: float, max_attempts: int
-    ) -> tuple[ClaimOutcome, str]:
-        """Take the job for a run: ('claimed', run number), ('leased', status) while another
-        runner holds it, ('final', status), ('exhausted', runs so far) or ('missing', '')."""
+    ) -> Claim:
+        """Take the job for a run under ``token`` (see Claim)."""
         async with self._reachable():
-            outcome, detail = await self._claim(
+            outcome, detail, first = await self._claim(
                 keys=self._keys(job_id)[:2],
                 args=[token, round(lease_s * 1000), repr(now), max_attempts],
             )
-        return outcome, detail
+        return Claim(outcome, detail, bool(first))
 
     async def renew(self, job_id: str, token: str, lease_s: float) -> str | None:
-        """Extend the lease; the job's status, or None when the lease was lost."""
+        """Extend the lease (or take it again if it lapsed unclaimed); the job's status, or None
+        when another runner holds it or the job is gone."""
         async with self._reachable():
             status = await self._renew(
                 keys=self._keys(job_id)[:2], args=[token, round(lease_s * 1000)]
             )
         return str(status) if status else None
 
-    async def release(self, job_id: str, token: str) -> None:
-        """Give the job up for another run (the lease, if still ours)."""
+    async def release(self, job_id: str, token: str, *, handed_back: bool = False) -> None:
+        """Give the job up for another run (the lease, if still ours). A run ``handed_back``
+        (its replica is stopping) does not count towards the job's attempts."""
         async with self._reachable():
-            await self._release(keys=self._keys(job_id)[:2], args=[token])
+            await self._release(keys=self._keys(job_id)[:2], args=[token, int(handed_back)])
 
     async def plan(self, job_id: str, planned: list[SamplingJob]) -> list[SamplingJob]:
         """The job's plan: ``planned`` on its first run, the first run's on later ones (random
@@ -376,9 +401,10 @@ class JobStore:
         result: GenerateResponse | None = None,
         error: ErrorBody | None = None,
     ) -> bool:
-        """End a running job as succeeded (``result``) or failed (``error``) if this runner
-        (``token``; '' for any) holds it; with neither, only settle a job that ended otherwise
-        (cancelled): drop the lease, let the records expire. True when this call ended it."""
+        """End a running job as succeeded (``result``) or failed (``error``) unless a runner
+        other than this one (``token``; '' for any) holds it; with neither, only settle a job
+        that ended otherwise (cancelled): drop the lease, let the records expire. True when this
+        call ended it."""
         status, field, value = "", "", ""
         if result is not None:
             status, field, value = "succeeded", "result", result.model_dump_json()

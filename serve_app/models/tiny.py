@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from serve_app.models.image_processors import use_pil_image_processors
+
 TINY_FLUX_NAME = "tiny-flux-v1"
 TINY_CLIP_NAME = "tiny-clip-v1"
 TINY_LORAS_NAME = "tiny-flux-loras-v1"
@@ -92,6 +94,7 @@ def _clip_text_config(vocab_size: int) -> dict[str, int]:
 
 
 def _flux_pipeline() -> Any:
+    use_pil_image_processors()
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -165,6 +168,7 @@ def _flux_pipeline() -> Any:
 
 
 def _clip_scorer() -> Any:
+    use_pil_image_processors()
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tokenizer = _clip_tokenizer()

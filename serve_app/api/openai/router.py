@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
-from fastapi import APIRouter, Request
-from fastapi.params import Depends
+from fastapi import APIRouter, Depends, Request
+from fastapi.params import Depends as Dependency
 from fastapi.responses import JSONResponse
 
 from serve_app.api.admission import Admission
@@ -20,6 +21,7 @@ from serve_app.api.openai.protocol import (
 )
 from serve_app.api.openai.serving import OpenAIImages
 from serve_app.faults import deadline
+from serve_app.generation.planning import plan_jobs
 from serve_app.service import GenerationService
 
 logger = logging.getLogger(__name__)
@@ -31,10 +33,15 @@ IMAGE_PATHS = (GENERATIONS, EDITS)
 
 
 def openai_router(
-    service: GenerationService, admission: Admission, dependencies: list[Depends]
+    service: GenerationService,
+    admission: Admission,
+    dependencies: list[Dependency],
+    owner_of_key: Callable[..., Awaitable[str]],
+    elsewhere: str | None,
 ) -> APIRouter:
-    """The OpenAI-compatible routes, behind the same keys (``dependencies``), admission and
-    deadline as /generate."""
+    """The OpenAI-compatible routes, behind the same keys (``dependencies``), admission (by
+    the key ``owner_of_key`` names, suggesting ``elsewhere`` when refused) and deadline as
+    /generate."""
     router = APIRouter(
         dependencies=dependencies,
         tags=["OpenAI-compatible"],
@@ -43,7 +50,9 @@ def openai_router(
     serving = OpenAIImages(service)
 
     @router.post(GENERATIONS, response_model=ImagesResponse, response_model_exclude_none=True)
-    async def create_images(body: ImageGenerationRequest, request: Request) -> ImagesResponse:
+    async def create_images(
+        body: ImageGenerationRequest, request: Request, owner: str = Depends(owner_of_key)
+    ) -> ImagesResponse:
         """Generate images for a prompt, as OpenAI's Images API does."""
         request_id: str = request.state.request_id
         end_user = body.end_user()
@@ -51,10 +60,11 @@ def openai_router(
             logger.info("request %s: for end user %r", request_id, end_user)
         logger.debug("request %s: prompt %r", request_id, body.prompt)
         generate = serving.generate_request(body)
-        with admission.admit():
+        jobs = plan_jobs(generate, service.settings)
+        with admission.admit(jobs, generate.gpus, owner or None, elsewhere) as ticket:
             async with deadline(service.settings.request_timeout_s):
                 return await serving.images(
-                    generate, body.response_format, request_id, str(request.base_url)
+                    generate, body.response_format, request_id, str(request.base_url), ticket
                 )
 
     @router.post(EDITS, include_in_schema=False)

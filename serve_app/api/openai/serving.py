@@ -7,6 +7,7 @@ import base64
 import time
 from typing import Literal
 
+from serve_app.api.admission import Ticket
 from serve_app.api.openai.protocol import (
     ImageData,
     ImageGenerationRequest,
@@ -54,15 +55,21 @@ class OpenAIImages:
         response_format: Literal["url", "b64_json"] | None,
         request_id: str,
         base_url: str,
+        ticket: Ticket,
     ) -> ImagesResponse:
-        """Make the images of ``request``: stored, with their URLs, or inline (b64_json)."""
+        """Make the images of ``request`` on its admission ``ticket``: stored, with their URLs,
+        or inline (b64_json)."""
         if response_format == "b64_json":
             jobs = plan_jobs(request, self.settings)
-            made = [i async for final in self.service.scored_images(jobs, request) for i in final]
+            finals = self.service.scored_images(jobs, request, progress=ticket.progress)
+            made = [image async for final in finals for image in final]
             made.sort(key=lambda image: image.rendered.job.index)
             data = [ImageData(b64_json=base64.b64encode(i.rendered.data).decode()) for i in made]
         else:
-            answer = await self.service.generate(request, request_id, base_url, time.perf_counter())
+            started = time.perf_counter()
+            answer = await self.service.generate(
+                request, request_id, base_url, started, progress=ticket.progress
+            )
             data = [ImageData(url=image.url) for image in answer.images]
         return ImagesResponse(
             created=int(time.time()),

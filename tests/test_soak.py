@@ -1,0 +1,102 @@
+"""A bounded soak of the real Ray Serve instance: mixed requests for a while, no error beyond the
+documented overload answer, memory levelling off.
+
+About a minute by default (CI); ``FLUX_SOAK_S=600 scripts/test.sh tests/test_soak.py -s`` soaks
+for ten minutes and prints the same figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import statistics
+import time
+from collections import Counter
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import ServeCluster
+from .metrics import growth, memory_by_process
+from .sse import parse_events
+
+pytestmark = pytest.mark.ray
+
+SOAK_S = float(os.environ.get("FLUX_SOAK_S", "60"))
+CLIENTS = 4
+
+# What users send, from one image at the smallest size to a streamed, ranked, two-GPU batch.
+MIX: list[dict[str, Any]] = [
+    {"nof_images": 1, "width": 64, "height": 64},
+    {"nof_images": 4, "width": 128, "height": 128},
+    {"nof_images": 8, "gpus": 2, "width": 128, "height": 128, "stream": True},
+    {"nof_images": 6, "top_k": 2, "width": 128, "height": 128},
+    {"nof_images": 4, "width": 64, "height": 64, "diversity": {"samplers": ["heun", "unipc"]}},
+    {"nof_images": 2, "width": 128, "height": 128, "diversity": {"cfg_scales": [3.0]}},
+    {"nof_images": 16},
+]
+
+
+def images_in(response: httpx.Response, payload: dict[str, Any]) -> int:
+    """The images of a successful answer, streamed or not."""
+    if payload.get("stream"):
+        events = parse_events(response.text.splitlines())
+        assert events[-1][0] == "result", events[-1]
+        return int(events[-1][1]["count"])
+    return int(response.json()["count"])
+
+
+async def soak(url: str, seconds: float, snapshots: list[dict[int, int]]) -> list[Any]:
+    """Clients sending requests from MIX for ``seconds``; a memory snapshot every third of it."""
+    outcomes: list[tuple[int, float, str | None]] = []
+    chooser = random.Random(13)
+    stop = time.monotonic() + seconds
+
+    async def user(http: httpx.AsyncClient) -> None:
+        while time.monotonic() < stop:
+            payload = {"prompt": "soak", **chooser.choice(MIX)}
+            started = time.perf_counter()
+            response = await http.post(f"{url}/generate", json=payload)
+            kind = None
+            if response.status_code == 200:
+                expected = payload.get("top_k") or payload["nof_images"]
+                assert images_in(response, payload) == expected
+            else:
+                kind = response.json()["error"]["type"]
+            outcomes.append((response.status_code, time.perf_counter() - started, kind))
+
+    async def watch() -> None:
+        for third in (1, 2, 3):
+            await asyncio.sleep(max(0.0, stop - seconds * (3 - third) / 3 - time.monotonic()))
+            snapshots.append(memory_by_process())
+
+    async with httpx.AsyncClient(timeout=300) as http:
+        await asyncio.gather(watch(), *(user(http) for _ in range(CLIENTS)))
+    return outcomes
+
+
+def test_a_soak_of_mixed_requests_has_no_errors_and_memory_levels_off(
+    serve_cluster: ServeCluster,
+) -> None:
+    snapshots = [memory_by_process()]
+    started = time.perf_counter()
+    outcomes = asyncio.run(soak(serve_cluster.url, SOAK_S, snapshots))
+    elapsed = time.perf_counter() - started
+    statuses = Counter(status for status, _, _ in outcomes)
+    latencies = sorted(seconds for status, seconds, _ in outcomes if status == 200)
+    thirds = [growth(snapshots[0], snapshots[i], snapshots[i + 1]) for i in range(3)]
+    quantiles = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
+    print(
+        f"\nsoak: {len(outcomes)} mixed requests from {CLIENTS} clients in {elapsed:.0f} s "
+        f"({len(outcomes) / elapsed:.2f} req/s); statuses {dict(statuses)}; latency p50 "
+        f"{quantiles[9]:.2f} s, p95 {quantiles[18]:.2f} s; Ray processes "
+        f"{sum(snapshots[0].values()) / 2**20:.0f} MiB at start, growth per third "
+        + ", ".join(f"{change / 2**20:+.0f} MiB" for change in thirds)
+    )
+    # Only success, or the documented overload answer.
+    assert {kind for status, _, kind in outcomes if status != 200} <= {"overloaded"}
+    assert statuses[200] >= 0.9 * len(outcomes)
+    # Memory levels off: the last third adds little, whatever the first (warm-up) added.
+    assert thirds[2] < 100 * 2**20
