@@ -70,7 +70,7 @@ class PageLog:
             return
         url = message.location["url"]
         # A refused request is an answer the page shows (the tests check that), not a fault.
-        refused = url.endswith("/generate") and message.text.startswith(
+        refused = url.endswith(("/generate", "/loras")) and message.text.startswith(
             "Failed to load resource: the server responded with a status of 4"
         )
         if not refused and url not in self.tolerated:
