@@ -40,6 +40,8 @@ class ServiceSetup:
     ray_cpus: int
     gpus: int
     batch_across_requests: bool = True
+    lora_dir: Path | None = None
+    """The adapter library (FLUX_SERVE_LORA_DIR); unset: as shipped."""
     ready_timeout_s: float = 600.0
     redis_url: str | None = None
     """The jobs' Redis (FLUX_SERVE_REDIS_URL and FluxWorker's policy); None: as shipped."""
@@ -107,6 +109,8 @@ def serve_config(setup: ServiceSetup, http_port: int, storage_dir: Path) -> dict
             )
     if setup.redis_url:
         application["runtime_env"]["env_vars"]["FLUX_SERVE_REDIS_URL"] = setup.redis_url
+    if setup.lora_dir is not None:
+        application["runtime_env"]["env_vars"]["FLUX_SERVE_LORA_DIR"] = str(setup.lora_dir)
     if setup.gpus:
         # As README.md's "Real weights" says: one GPU per worker, as many workers as GPUs.
         for deployment in application["deployments"]:

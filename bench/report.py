@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench.image_timing import ImageInputFigures
 from bench.service_timing import ServiceFigures
@@ -305,6 +306,13 @@ def tables(results: Results) -> list[Table]:
     if results.speedups:
         found.append(speedups_table(results))
     return found
+
+
+def publish(text: str, markdown: str, path: Path | None) -> None:
+    """Print a report, and write its Markdown to ``path`` if given."""
+    print(text)
+    if path is not None:
+        path.write_text(markdown)
 
 
 def to_text(results: Results) -> str:

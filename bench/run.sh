@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Runs the throughput benchmark: bench/run.sh --preset small [--markdown PATH] [...]
+# or the LoRA one: bench/run.sh loras --preset small [...]
 # or the jobs one: bench/run.sh jobs [--jobs 4] [--images 8] [...]
 #
 # As root it runs inside a private network namespace that has only loopback, so that the Ray
@@ -9,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python=.venv/bin/python
 benchmark=bench.throughput
-if [[ ${1:-} == jobs ]]; then
-    benchmark=bench.jobs
+if [[ ${1:-} == loras || ${1:-} == jobs ]]; then
+    benchmark=bench.$1
     shift
 fi
 

@@ -15,7 +15,8 @@ from bench.stats import median, percentile
 from bench.workload import Workload
 from serve_app.client.events import aread_events
 
-_TIMEOUT = httpx.Timeout(1800.0, connect=10.0)
+# Benchmark requests on a slow machine can take minutes; a connect that hangs is a failure.
+REQUEST_TIMEOUT = httpx.Timeout(1800.0, connect=10.0)
 # Serve averages the load over 30 s (look_back_period_s), hears of it every 10 s and waits
 # upscale_delay_s (5 s) more before it adds a replica.
 _WARM_UP_S = 30.0
@@ -94,7 +95,7 @@ async def timed_rounds(
     url: str, body: dict[str, Any], concurrency: int, repeats: int, requests_per_client: int
 ) -> tuple[list[float], list[RequestTiming]]:
     """Images/s of each round, and the timings of all its requests."""
-    async with httpx.AsyncClient(base_url=url, timeout=_TIMEOUT, trust_env=False) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, trust_env=False) as client:
         rates: list[float] = []
         timings: list[RequestTiming] = []
         for _ in range(repeats):

@@ -36,7 +36,14 @@ from bench.cluster import RunningService, ServiceSetup, private_redis, running_s
 from bench.image_timing import measure_image_inputs
 from bench.pipeline_timing import measure_pipeline
 from bench.presets import PRESETS, ensure_preset, runnable_preset
-from bench.report import Results, SharingFigures, best_batch_size, to_markdown, to_text
+from bench.report import (
+    Results,
+    SharingFigures,
+    best_batch_size,
+    publish,
+    to_markdown,
+    to_text,
+)
 from bench.service_timing import ServiceFigures, measure_service
 from bench.speedup_timing import SpeedupTimer, measure_speedups
 from bench.workload import Workload
@@ -226,9 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         image_inputs=image_inputs,
         machine=machine,
     )
-    print(to_text(results))
-    if args.markdown:
-        args.markdown.write_text(to_markdown(results))
+    publish(to_text(results), to_markdown(results), args.markdown)
     return 0
 
 

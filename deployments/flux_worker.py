@@ -10,6 +10,7 @@ import ray
 import torch
 from ray import serve
 
+from deployments.routing import ADAPTERS_STAT
 from deployments.telemetry import RayTelemetry
 from serve_app.generation.pipeline import FluxGenerator, RenderedImage
 from serve_app.generation.planning import SamplingJob
@@ -22,19 +23,24 @@ from serve_app.settings import get_settings
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.5, "num_gpus": 0},
     max_ongoing_requests=4,
-    request_router_config={"request_router_class": "deployments.routing:RenderCallRouter"},
+    request_router_config={
+        "request_router_class": "deployments.routing:RenderCallRouter",
+        # How often each replica tells the routers which adapters it holds (record_routing_stats).
+        "request_routing_stats_period_s": 2,
+    },
 )
 class FluxWorker:
     """Makes the images of sampling jobs, batch by batch, for every render call it holds."""
 
     def __init__(self) -> None:
         settings = get_settings()
-        self.generator = FluxGenerator(settings)
+        telemetry = RayTelemetry()
+        self.generator = FluxGenerator(settings, telemetry=telemetry)
         self.scheduler = RenderScheduler(
             self.generator,
             max_batch_size=settings.max_batch_size,
             across_calls=settings.batch_across_requests,
-            telemetry=RayTelemetry(),
+            telemetry=telemetry,
             worker=serve.get_replica_context().replica_id.unique_id,
         )
 
@@ -45,6 +51,11 @@ class FluxWorker:
         input images the jobs name, once for the whole call."""
         async for batch in self.scheduler.render(jobs, inputs):
             yield batch
+
+    def record_routing_stats(self) -> dict[str, list[str]]:
+        """What Ray Serve hands the routers (deployments/routing.py): the adapters loaded here."""
+        adapters = self.generator.adapters
+        return {ADAPTERS_STAT: adapters.loaded if adapters is not None else []}
 
     async def check_health(self) -> None:
         """Ray Serve restarts the replica when this raises: the model can no longer run."""

@@ -11,6 +11,8 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.faults import Overloaded, WorkerLost
+from serve_app.generation.adapter_library import AdapterRefused
+from serve_app.generation.adapter_sources import LibraryUnavailable
 from serve_app.generation.pipeline import RenderedImage
 from serve_app.generation.planning import SamplingJob
 from serve_app.inputs.pixels import RenderInputs
@@ -23,9 +25,14 @@ from serve_app.telemetry import Telemetry
 @contextlib.contextmanager
 def replica_faults(deployment: str) -> Iterator[None]:
     """Ray's errors as the request flow knows them: a lost replica can be retried elsewhere, a
-    full queue means overload."""
+    full queue means overload, a refused adapter is the client's error."""
     try:
         yield
+    except AdapterRefused as error:
+        # Ray wraps these (RayTaskError, with the replica's traceback as its text): unwrap them.
+        raise AdapterRefused(error.position, error.field, error.reason) from None
+    except LibraryUnavailable as error:
+        raise LibraryUnavailable(str(getattr(error, "cause", error))) from None
     except (RayActorError, ActorUnavailableError) as error:
         raise WorkerLost(f"a {deployment} replica was lost: {type(error).__name__}") from error
     except BackPressureError as error:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ray.serve import metrics
 
-from serve_app.telemetry import DeliveryOutcome, JobOutcome, Outcome, Stage
+from serve_app.telemetry import AdapterOutcome, DeliveryOutcome, JobOutcome, Outcome, Stage
 
 # Seconds: from a tiny image on a GPU (milliseconds) to a large batch on a CPU (minutes).
 _DURATION_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
@@ -59,6 +59,12 @@ class RayTelemetry:
             description="Webhook delivery attempts, by outcome.",
             tag_keys=("outcome",),
         )
+        self._adapter_cache = metrics.Counter(
+            "flux_lora_cache",
+            description="LoRA adapters a worker found loaded (hit), loaded (miss) or unloaded to "
+            "make room (evicted).",
+            tag_keys=("outcome",),
+        )
 
     def request_finished(self, outcome: Outcome) -> None:
         self._requests.inc(tags={"outcome": outcome})
@@ -84,3 +90,6 @@ class RayTelemetry:
 
     def webhook_delivery(self, outcome: DeliveryOutcome) -> None:
         self._deliveries.inc(tags={"outcome": outcome})
+
+    def adapter_cache(self, outcome: AdapterOutcome) -> None:
+        self._adapter_cache.inc(tags={"outcome": outcome})

@@ -86,6 +86,12 @@ Mode = Literal["text-to-image", "image-to-image", "inpainting"]
 DEFAULT_STRENGTH = 0.8
 
 
+# An adapter's name is the stem of a file in the deployment's library: never a path or a URL.
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+LORA_DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+MIN_LORA_SCALE = -2.0
+MAX_LORA_SCALE = 4.0
+
 _ANNOTATIONS = ("title", "description", "default", "examples")
 
 
@@ -159,6 +165,30 @@ class Diversity(_NullMeansDefault):
         "'mix': a seed derived from base_seed and the image's index, different per image and "
         "reproducible.",
         examples=["mix"],
+    )
+
+
+class Lora(_NullMeansDefault):
+    """A LoRA adapter of the deployment's library, applied at a scale.
+
+    Every image's sampling_params list the adapters that made it in this same form, digest
+    included: sent back, they make the same pixels (or a 422 if the library's file changed).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: Annotated[str, StringConstraints(pattern=LORA_NAME_PATTERN)] = Field(
+        description="An adapter that GET /loras lists.", examples=["tiny-attention"]
+    )
+    scale: Annotated[float, Field(ge=MIN_LORA_SCALE, le=MAX_LORA_SCALE)] = Field(
+        1.0,
+        description="How strongly to apply it: 1 as trained, 0 not at all, negative to steer away.",
+        examples=[1.0],
+    )
+    digest: Annotated[str, StringConstraints(pattern=LORA_DIGEST_PATTERN)] | None = Field(
+        None,
+        description="The content the adapter must have (sha256 of its file, as GET /loras and "
+        "sampling_params report it). Unset: whatever the library holds now.",
     )
 
 
@@ -255,6 +285,13 @@ class GenerateRequest(_NullMeansDefault):
         description="Seed of 'fixed' and 'mix' seeding. Unset: 0.",
         examples=[0],
     )
+    loras: list[Lora] = Field(
+        default_factory=list,
+        max_length=_limits.max_loras,
+        description=f"LoRA adapters of the deployment's library (GET /loras) to apply together, "
+        f"at most {_limits.max_loras}. Unset: the base model.",
+        examples=[[{"name": "tiny-attention", "scale": 1.0}]],
+    )
 
     @field_validator("top_k")
     @classmethod
@@ -303,6 +340,9 @@ class SamplingParams(BaseModel):
     seed: int = Field(description="Seed of the image's noise.")
     width: int = Field(description="Width in pixels.")
     height: int = Field(description="Height in pixels.")
+    loras: tuple[Lora, ...] = Field(
+        (), description="The LoRA adapters applied, each with the digest of its file."
+    )
     strength: float | None = Field(
         None, description="How much of the input image was repainted; none for text-to-image."
     )
@@ -344,6 +384,38 @@ class GenerateResponse(BaseModel):
         description="In index order; with top_k, the K best by score, best first."
     )
     latency_ms: int = Field(description="Time from receiving the request to the answer.")
+
+
+class LoraInfo(BaseModel):
+    """One adapter of the library, as a request can use it."""
+
+    name: str = Field(description="What a request's loras.N.name takes.")
+    digest: str = Field(description="sha256 of the file: what sampling_params report.")
+    size_bytes: int = Field(description="Size of the file.")
+    rank: int = Field(description="Highest LoRA rank among its layers.")
+    alpha: float = Field(description="LoRA alpha: the adapter scales its layers by alpha / rank.")
+    layers: list[str] = Field(
+        description="The kinds of transformer layers it changes, blocks numbered as *.",
+        examples=[["transformer_blocks.*.attn.to_q", "transformer_blocks.*.attn.to_k"]],
+    )
+    modules: int = Field(description="How many transformer layers it changes.")
+
+
+class RefusedLora(BaseModel):
+    """A file of the library that requests can't use, and why."""
+
+    name: str
+    reason: str
+
+
+class LoraListing(BaseModel):
+    """The deployment's adapter library."""
+
+    loras: list[LoraInfo] = Field(description="The adapters requests may name, by name.")
+    refused: list[RefusedLora] = Field(
+        description="Files in the library that are not usable adapters here."
+    )
+    max_per_request: int = Field(description="Most adapters one request may apply.")
 
 
 class ErrorBody(BaseModel):

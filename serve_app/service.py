@@ -14,20 +14,24 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from serve_app.faults import WorkerLost
+from serve_app.generation.adapter_library import AdapterLibrary
 from serve_app.generation.pipeline import RenderedImage
 from serve_app.generation.planning import SamplingJob, plan_jobs, shard
 from serve_app.inputs.fitting import RequestInputs
 from serve_app.inputs.pixels import RenderInputs
 from serve_app.inputs.reading import read_inputs
-from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse
+from serve_app.schemas import GeneratedImage, GenerateRequest, GenerateResponse, Lora
 from serve_app.settings import ServiceSettings
 from serve_app.storage.base import ImageStore, StorageError, image_key
 from serve_app.storage.codec import content_type
 from serve_app.telemetry import NoTelemetry, Telemetry
 
 logger = logging.getLogger(__name__)
+
+RequestT = TypeVar("RequestT", bound=GenerateRequest)
 
 RenderStream = Callable[[list[SamplingJob], RenderInputs], AsyncIterator[list[RenderedImage]]]
 """Makes the images of some jobs from the input images they name, yielding each batch as soon as
@@ -76,12 +80,28 @@ class GenerationService:
         score: ScoreImages,
         store: ImageStore,
         telemetry: Telemetry | None = None,
+        library: AdapterLibrary | None = None,
     ) -> None:
         self.settings = settings
         self._render = render
         self._score = score
         self.store = store
         self.telemetry = telemetry or NoTelemetry()
+        self.library = library or AdapterLibrary(settings)
+
+    async def resolve_loras(self, request: GenerateRequest) -> tuple[Lora, ...]:
+        """The request's adapters, checked against the library, with their files' digests;
+        AdapterRefused naming the entry that can't be used."""
+        if not request.loras:
+            return ()
+        return await asyncio.to_thread(self.library.resolve, request.loras)
+
+    async def pin_loras(self, request: RequestT) -> RequestT:
+        """``request`` with each adapter's digest set, so that its images use exactly the files
+        checked now; AdapterRefused before any work starts."""
+        if not request.loras:
+            return request
+        return request.model_copy(update={"loras": list(await self.resolve_loras(request))})
 
     async def read_inputs(self, request: GenerateRequest) -> RequestInputs | None:
         """The request's input image and mask, fetched, checked and fitted: once per request.
@@ -106,13 +126,21 @@ class GenerationService:
         inputs = inputs or await self.read_inputs(request)
         destination = Destination(request_id, uuid.uuid4().hex[:12], base_url)
         async for image in self.make_images(
-            plan_jobs(request, self.settings, inputs),
+            await self.plan(request, inputs),
             request,
             destination,
             inputs,
             progress=progress,
         ):
             yield image
+
+    async def plan(
+        self, request: GenerateRequest, inputs: RequestInputs | None
+    ) -> list[SamplingJob]:
+        """The request's jobs from its read ``inputs``, applying its adapters as the library
+        resolves them now."""
+        loras = await self.resolve_loras(request)
+        return plan_jobs(request, self.settings, inputs, loras)
 
     async def make_images(
         self,

@@ -211,6 +211,39 @@ class ServiceSettings(BaseSettings):
         "Empty: no authentication (the local default).",
     )
 
+    # LoRA adapters (serve_app/generation/adapter_library.py, adapter_runtime.py)
+    lora_dir: Path | None = Field(
+        None,
+        description="Folder of the adapter library: diffusers/peft LoRA files named "
+        "<name>.safetensors. Unset (and no lora_s3_url): with the tiny model, its tiny LoRAs "
+        "built locally; otherwise no adapters.",
+    )
+    lora_s3_url: str | None = Field(
+        None,
+        pattern=r"^s3://[^/]+/.*$",
+        description="The adapter library in S3 instead, e.g. s3://my-loras/flux/ (the s3_region "
+        "and s3_endpoint_url settings and boto3's credentials apply).",
+    )
+    max_loras: int = Field(
+        3, ge=0, le=8, description="Most adapters one request may apply together."
+    )
+    lora_max_bytes: int = Field(
+        1 << 30, ge=1, description="Largest adapter file a request may use, in bytes."
+    )
+    lora_max_rank: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="Highest LoRA rank served; with compile_mode, the rank hot-swapping pads "
+        "every adapter to, so that changing adapters never recompiles.",
+    )
+    lora_cache_size: int = Field(
+        8, ge=1, description="Most adapters a worker replica keeps loaded (least recently used go)."
+    )
+    lora_cache_bytes: int = Field(
+        4 << 30, ge=1, description="Most bytes of adapter weights a worker replica keeps loaded."
+    )
+
     # Storage
     storage_backend: Literal["local", "s3"] = Field(
         "local", description="'local': a folder the ingress serves; 's3': an S3 bucket."
@@ -370,6 +403,13 @@ class ServiceSettings(BaseSettings):
         return PROFILES[self.profile]
 
     @property
+    def serves_loras(self) -> bool:
+        """Whether requests may apply adapters: max_loras above 0 and a library (the deployment's
+        own, or the tiny model's)."""
+        library = self.lora_dir or self.lora_s3_url or self.model == EMBEDDED_MODEL
+        return self.max_loras > 0 and bool(library)
+
+    @property
     def max_data_url_chars(self) -> int:
         """Longest data: URL of an input image: base64 of max_input_image_bytes, and a header."""
         return _DATA_URL_HEADER_CHARS + 4 * -(-self.max_input_image_bytes // 3)
@@ -416,6 +456,20 @@ class ServiceSettings(BaseSettings):
     def _s3_has_a_bucket(self) -> ServiceSettings:
         if self.storage_backend == "s3" and not self.s3_bucket:
             raise ValueError("storage_backend 's3' needs s3_bucket (FLUX_SERVE_S3_BUCKET)")
+        return self
+
+    @model_validator(mode="after")
+    def _loras_fit(self) -> ServiceSettings:
+        if self.lora_dir is not None and self.lora_s3_url is not None:
+            raise ValueError("set lora_dir or lora_s3_url, not both")
+        if self.lora_cache_size < self.max_loras:
+            raise ValueError(
+                f"lora_cache_size {self.lora_cache_size} must hold a request's max_loras "
+                f"({self.max_loras}) at once"
+            )
+        if self.fuse_qkv and self.serves_loras:
+            # A fused projection replaces to_q, to_k and to_v, so adapters there would do nothing.
+            raise ValueError("fuse_qkv can't be combined with LoRA adapters: set max_loras to 0")
         return self
 
     @model_validator(mode="after")

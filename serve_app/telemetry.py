@@ -11,6 +11,7 @@ Stage = Literal["generation", "scoring", "upload"]
 Outcome = Literal["success", "client_error", "server_error"]
 JobOutcome = Literal["succeeded", "failed", "cancelled"]
 DeliveryOutcome = Literal["delivered", "retrying", "failed", "refused"]
+AdapterOutcome = Literal["hit", "miss", "evicted"]
 
 
 def outcome_of(status_code: int) -> Outcome:
@@ -49,6 +50,10 @@ class Telemetry(Protocol):
     def webhook_delivery(self, outcome: DeliveryOutcome) -> None:
         """One attempt to deliver a webhook ended so."""
 
+    def adapter_cache(self, outcome: AdapterOutcome) -> None:
+        """A worker found a batch's adapter loaded (hit), had to load it (miss), or unloaded one
+        to make room (evicted)."""
+
 
 class NoTelemetry:
     """Reports nowhere: for tools and tests that run the service outside a cluster."""
@@ -75,4 +80,7 @@ class NoTelemetry:
         pass
 
     def webhook_delivery(self, outcome: DeliveryOutcome) -> None:
+        pass
+
+    def adapter_cache(self, outcome: AdapterOutcome) -> None:
         pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from serve_app.storage.local import LocalImageStore  # noqa: E402
 
 from .live_server import always_ready, serve_over_http  # noqa: E402
 from .redis_server import RedisServer  # noqa: E402
+from .s3_server import SeaweedS3, credentials_env  # noqa: E402
+from .server_process import running  # noqa: E402
 
 # Signs the webhooks of every application the tests start; the receiver verifies with it.
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"flux-serve tests' webhook secret!").decode()
@@ -152,12 +155,8 @@ def serve_config_for_tests(http_port: int, storage_dir: Path, redis_url: str) ->
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One real Redis for the session (the jobs' broker, result store and records)."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
+    with running(RedisServer(tmp_path_factory.mktemp("redis"))) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -207,6 +206,40 @@ def serve_cluster(
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def extra_application(name: str, env: dict[str, str], workers: int = 2) -> Iterator[str]:
+    """Another application on the session's Ray instance (Ingress, ``workers`` FluxWorker
+    replicas and a Scorer, no job consumers) with settings ``env``; yields its route prefix."""
+    from ray import serve
+
+    from deployments.flux_worker import FluxWorker
+    from deployments.ingress import Ingress
+    from deployments.scorer import Scorer
+
+    options = {"num_cpus": 0.25, "num_gpus": 0, "runtime_env": {"env_vars": env}}
+    app = Ingress.options(ray_actor_options=options).bind(
+        FluxWorker.options(num_replicas=workers, ray_actor_options=options).bind(),
+        Scorer.options(ray_actor_options=options).bind(),
+        [],
+    )
+    serve.run(app, name=name, route_prefix=f"/{name}")
+    try:
+        yield f"/{name}"
+    finally:
+        serve.delete(name)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A real S3-compatible server on 127.0.0.1 for one test module, with its credentials in the
+    environment (where boto3's chain finds them)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in credentials_env().items():
+            patch.setenv(name, value)
+        with running(SeaweedS3(tmp_path_factory.mktemp("seaweed"))) as server:
+            yield server
 
 
 @pytest.fixture

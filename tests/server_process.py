@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+Server = TypeVar("Server", bound="ServerProcess")
 
 
 @dataclass
@@ -12,6 +17,10 @@ class ServerProcess:
     """Holds the running server's process, if any."""
 
     process: subprocess.Popen[bytes] | None = field(default=None, kw_only=True)
+
+    def start(self) -> None:
+        """Start the server and wait until it answers (each kind of server says how)."""
+        raise NotImplementedError
 
     def kill(self) -> None:
         """Stop at once, like a crashed server."""
@@ -29,3 +38,13 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
             self.process = None
+
+
+@contextmanager
+def running(server: Server) -> Iterator[Server]:
+    """``server`` started for the block, stopped after it."""
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -19,6 +19,10 @@ from bench import presets
 from bench.cluster import WORKER_DEPLOYMENT, ServiceSetup, serve_config
 from bench.gpu_run import Budget, PipelineRow, ResultsFile, ServiceRow, skipped
 from bench.image_timing import ImageInputFigures, input_picture, time_image_inputs
+from bench.lora_timing import MixFigures, SwitchFigures, ensure_loras, measure_switches
+from bench.lora_timing import bodies as lora_bodies
+from bench.loras import LoraResults
+from bench.loras import to_markdown as lora_markdown
 from bench.report import (
     Results,
     SharingFigures,
@@ -33,6 +37,8 @@ from bench.speedup_timing import SpeedupFigures, SpeedupTimer
 from bench.stats import median, percentile
 from bench.workload import Workload
 from serve_app.generation.pipeline import FluxGenerator
+from serve_app.models.tiny import TINY_FLUX_NAME, ensure_tiny_model
+from serve_app.models.tiny_loras import TINY_LORAS
 from serve_app.settings import ServiceSettings
 
 WORKLOAD = Workload(prompt="a red cat", images=16, size=256, steps=4)
@@ -424,6 +430,62 @@ def test_jobs_report_has_both_rates_the_ratio_and_the_cold_start() -> None:
     assert figures.ratio == pytest.approx(0.97)
     assert "jobs / generate: 0.970 (target >= 0.95: met)" in text
     assert "scale from zero, job submission to first image: 3.25 s" in text
+
+
+# The LoRA benchmark (bench/loras.py)
+
+
+def test_lora_switch_timer_times_each_kind_of_batch(settings: ServiceSettings) -> None:
+    model = Path(ensure_tiny_model(TINY_FLUX_NAME, settings.cache_dir))
+    library, names = ensure_loras(model, settings.cache_dir)
+    assert names == [spec.name for spec in TINY_LORAS]
+    tiny = Workload(prompt="a red cat", images=2, size=64, steps=1)
+    with_library = settings.model_copy(update={"lora_dir": library})
+    figures = measure_switches(with_library, tiny, names, batch_size=2, repeats=1)
+    assert figures.batch_size == 2
+    assert min(figures.same_s, figures.switched_s, figures.loaded_s) > 0
+
+
+def test_lora_request_bodies_keep_neighbouring_clients_on_other_adapters() -> None:
+    names = ["a", "b", "c", "d"]
+    body_for = lora_bodies(WORKLOAD, names)
+    at_once = [body_for(client, 0)["loras"] for client in range(4)]
+    assert sorted(loras[0]["name"] for loras in at_once) == names
+    assert body_for(0, 0)["loras"] != body_for(0, 1)["loras"]  # a client goes round them too
+    assert body_for(2, 1)["stream"] is True
+    assert lora_bodies(WORKLOAD, ["a"])(3, 5)["loras"] == [{"name": "a"}]
+
+
+def test_lora_report_holds_the_ratios_to_the_issues_targets() -> None:
+    results = LoraResults(
+        preset="small",
+        workload=WORKLOAD,
+        repeats=3,
+        switches=SwitchFigures(batch_size=4, same_s=0.8, switched_s=0.82, loaded_s=1.0),
+        mix=MixFigures(concurrency=4, adapters=4, one_images_per_s=5.0, mix_images_per_s=3.5),
+    )
+    ratios = {ratio.name: ratio for ratio in results.ratios()}
+    assert ratios["adapter switch / batch"].value == pytest.approx(0.025)
+    assert ratios["adapter switch / batch"].verdict == "met"
+    assert ratios["adapter load / batch"].value == pytest.approx(0.25)
+    assert ratios["4-adapter mix / one adapter, c4"].value == pytest.approx(0.7)
+    assert ratios["4-adapter mix / one adapter, c4"].verdict == "missed"
+    markdown = lora_markdown(results)
+    assert "| batch of 4, after a switch between held adapters | 820.0 ms |  |" in markdown
+    assert "| service, 4 adapters mixed, concurrency 4 |  | 3.50 |" in markdown
+    assert "| 4-adapter mix / one adapter, c4 | 0.700 | >= 0.80 | missed |" in markdown
+
+
+def test_serve_config_points_the_workers_at_the_benchmarks_adapters(tmp_path: Path) -> None:
+    config = serve_config(replace(setup(gpus=0), lora_dir=tmp_path / "loras"), 18123, tmp_path)
+    env = config["applications"][0]["runtime_env"]["env_vars"]
+    assert env["FLUX_SERVE_LORA_DIR"] == str(tmp_path / "loras")
+    assert (
+        "FLUX_SERVE_LORA_DIR"
+        not in serve_config(setup(gpus=0), 18123, tmp_path)["applications"][0]["runtime_env"][
+            "env_vars"
+        ]
+    )
 
 
 def test_image_to_image_is_timed_beside_text_to_image_on_the_service_generator(

@@ -392,12 +392,40 @@ def test_cli_shows_why_the_service_refused(
         pytest.param(["generate"], id="no-prompt"),
         pytest.param(["generate", PROMPT, "--steps", "2,x"], id="steps-not-numbers"),
         pytest.param(["health", "--url", "localhost:8000"], id="url-without-scheme"),
+        pytest.param(["generate", PROMPT, "--lora", "tiny-mlp:strong"], id="lora-scale"),
     ],
 )
 def test_cli_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], arguments: list[str]) -> None:
     code, _, err = run_cli(capsys, *arguments)
     assert code == ExitCode.REFUSED
     assert "usage: flux-serve" in err
+
+
+def test_cli_lists_the_adapters_and_applies_them(
+    live_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_cli(capsys, "loras", "--url", live_url)
+    assert code == ExitCode.OK, err
+    with FluxClient(live_url) as client:
+        listing = client.loras()
+    for info in listing.loras:
+        assert info.name in out
+        assert info.digest in out
+    assert f"{len(listing.loras)} adapters; at most 3 per request" in err
+
+    code, out, err = run_cli(
+        capsys,
+        *("generate", PROMPT, "-n", "2", "--lora", "tiny-attention:0.5", "--lora", "tiny-mlp"),
+        *("--url", live_url),
+    )
+    assert code == ExitCode.OK, err
+    rows = table_rows(out)
+    assert [row[-1] for row in rows] == ["tiny-attention:0.5, tiny-mlp:1"] * 2
+
+    code, out, err = run_cli(capsys, "generate", PROMPT, "--lora", "nobody", "--url", live_url)
+    assert code == ExitCode.REFUSED
+    assert "no adapter 'nobody'" in err
+    assert "param: loras.0.name" in err
 
 
 def test_cli_needs_the_api_key_and_takes_it_and_the_url_from_the_environment(

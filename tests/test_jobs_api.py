@@ -111,6 +111,12 @@ def test_a_submission_is_a_202_with_the_job_queued_in_celery(
             {**SMALL, "webhook": "http://10.1.2.3/hook"}, "webhook", "non-public", id="private"
         ),
         pytest.param({**SMALL, "webhok": "http://x"}, "webhok", "Extra inputs", id="unknown"),
+        pytest.param(
+            {**SMALL, "loras": [{"name": "tiny-mlp"}, {"name": "nobody"}]},
+            "loras.1.name",
+            "no adapter 'nobody'",
+            id="unknown-adapter",
+        ),
     ],
 )
 def test_bad_input_is_a_422_naming_the_field(
@@ -274,6 +280,26 @@ def test_a_cancelled_queued_job_never_runs(
     assert rendered == []
     job = jobs_client.get(f"/jobs/{job_id}").json()
     assert (job["status"], job["started_at"]) == ("cancelled", None)
+
+
+def test_a_job_applies_its_adapters_as_they_were_when_it_was_submitted(
+    jobs_client: TestClient,
+    jobs_settings: ServiceSettings,
+    make_service: MakeService,
+    store: LocalImageStore,
+) -> None:
+    loras = [{"name": "tiny-attention", "scale": 0.5}]
+    submitted = jobs_client.post("/jobs", json={**SMALL, "loras": loras}).json()
+    (digest,) = [
+        item["digest"]
+        for item in jobs_client.get("/loras").json()["loras"]
+        if item["name"] == "tiny-attention"
+    ]
+    asyncio.run(make_runner(jobs_settings, make_service, store, []).run(submitted["id"]))
+    job = jobs_client.get(f"/jobs/{submitted['id']}").json()
+    assert job["status"] == "succeeded", job
+    for image in job["result"]["images"]:
+        assert image["sampling_params"]["loras"] == [{**loras[0], "digest": digest}]
 
 
 def test_a_run_after_a_lost_one_makes_only_the_missing_images_and_stores_each_once(

@@ -15,6 +15,7 @@ from pydantic import SecretStr
 
 from serve_app.api.routes import create_app
 from serve_app.generation.samplers import supported_samplers
+from serve_app.models.tiny_loras import TINY_LORAS
 from serve_app.settings import ServiceSettings
 from serve_app.storage.local import LocalImageStore
 
@@ -69,7 +70,7 @@ class PageLog:
             return
         url = message.location["url"]
         # A refused request is an answer the page shows (the tests check that), not a fault.
-        refused = url.endswith("/generate") and message.text.startswith(
+        refused = url.endswith(("/generate", "/loras")) and message.text.startswith(
             "Failed to load resource: the server responded with a status of 4"
         )
         if not refused and url not in self.tolerated:
@@ -169,10 +170,13 @@ def test_the_api_key_is_sent_and_kept(
     keyed = settings.model_copy(update={"api_keys": [SecretStr(KEY)]})
     with serve_over_http(create_app(make_service(keyed, store), always_ready)) as url:
         page.goto(f"{url}/")
+        expect(page.locator("#loras")).to_contain_text("Enter the API key to list them")
         ask(page, "a red cat", nof_images="1")
         expect(page.locator("#error")).to_contain_text("a valid API key is required")
 
         page.fill("#api_key", KEY)
+        page.dispatch_event("#api_key", "change")
+        expect(page.locator("input[name=lora]")).to_have_count(len(TINY_LORAS))
         page.click("#submit")
         page.wait_for_function(ALL_LOADED, arg=1)
         expect(page.locator("#error")).to_be_hidden()

@@ -7,7 +7,7 @@ import io
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
@@ -26,23 +26,10 @@ from serve_app.storage.s3 import S3ImageStore
 
 from .conftest import MakeService
 from .live_server import always_ready
-from .s3_server import REGION, SeaweedS3, credentials_env
+from .s3_server import REGION, SeaweedS3
 from .sse import parse_events
 
 REQUEST = {"prompt": "a red cat", "width": 64, "height": 64}
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in credentials_env().items():
-            patch.setenv(name, value)
-        server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
 
 
 @pytest.fixture

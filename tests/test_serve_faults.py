@@ -15,7 +15,7 @@ import pytest
 
 from serve_app.client.events import aread_events
 
-from .conftest import ServeCluster
+from .conftest import ServeCluster, extra_application
 from .metrics import growth, images_by_replica, memory_by_process
 from .midway import loses_no_image_when
 
@@ -27,12 +27,6 @@ def fault_app(
     serve_cluster: ServeCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, Path]]:
     """A second application with two FluxWorker replicas, to kill one of them."""
-    from ray import serve
-
-    from deployments.flux_worker import FluxWorker
-    from deployments.ingress import Ingress
-    from deployments.scorer import Scorer
-
     storage = tmp_path_factory.mktemp("fault-images")
     env = {
         "FLUX_SERVE_CACHE_DIR": os.environ["FLUX_SERVE_CACHE_DIR"],
@@ -43,17 +37,8 @@ def fault_app(
         "FLUX_SERVE_MAX_RETRIES": "6",
         "FLUX_SERVE_REDIS_URL": serve_cluster.redis.url,
     }
-    options = {"num_cpus": 0.25, "num_gpus": 0, "runtime_env": {"env_vars": env}}
-    app = Ingress.options(ray_actor_options=options).bind(
-        FluxWorker.options(num_replicas=2, ray_actor_options=options).bind(),
-        Scorer.options(ray_actor_options=options).bind(),
-        [],
-    )
-    serve.run(app, name="faults", route_prefix="/faults")
-    try:
-        yield f"{serve_cluster.url}/faults", storage
-    finally:
-        serve.delete("faults")
+    with extra_application("faults", env) as prefix:
+        yield f"{serve_cluster.url}{prefix}", storage
 
 
 def images_each_replica_made(

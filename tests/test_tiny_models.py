@@ -13,8 +13,10 @@ from serve_app.client.cli import main as cli_main
 from serve_app.models.tiny import (
     TINY_CLIP_NAME,
     TINY_FLUX_NAME,
+    TINY_LORAS_NAME,
     build_tiny_clip,
     build_tiny_flux,
+    build_tiny_loras,
     ensure_tiny_model,
 )
 
@@ -27,7 +29,9 @@ def file_digests(folder: Path) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize("build", [build_tiny_flux, build_tiny_clip], ids=["flux", "clip"])
+@pytest.mark.parametrize(
+    "build", [build_tiny_flux, build_tiny_loras, build_tiny_clip], ids=["flux", "loras", "clip"]
+)
 def test_building_twice_gives_identical_files(build, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     first = file_digests(build(tmp_path / "first"))
     second = file_digests(build(tmp_path / "second"))
@@ -62,10 +66,11 @@ def test_ensure_builds_once_then_reuses(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [TINY_CLIP_NAME]  # no staging folder left
 
 
-def test_cli_builds_both_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_builds_every_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cli_main(["build-tiny-models", str(tmp_path)])
     printed = capsys.readouterr().out.split()
-    assert printed == [str(tmp_path / TINY_FLUX_NAME), str(tmp_path / TINY_CLIP_NAME)]
+    names = [TINY_FLUX_NAME, TINY_LORAS_NAME, TINY_CLIP_NAME]
+    assert printed == [str(tmp_path / name) for name in names]
 
 
 def test_console_script_is_installed(tmp_path: Path) -> None:

@@ -29,6 +29,8 @@ from serve_app.faults import (
     RequestTimedOut,
     WorkerLost,
 )
+from serve_app.generation.adapter_library import AdapterRefused
+from serve_app.generation.adapter_sources import LibraryUnavailable
 from serve_app.inputs.errors import InputFetchFailed
 from serve_app.jobs.store import IdempotencyConflict, JobFinished, JobNotFound, JobStoreUnavailable
 from serve_app.schemas import ErrorBody, ErrorEnvelope
@@ -60,11 +62,13 @@ def problem_for(error: Exception) -> Problem:
         return Problem(504, "timeout", str(error))
     if isinstance(error, WorkerLost):
         return Problem(503, "worker_lost", f"{error}; retries were exhausted")
+    if isinstance(error, LibraryUnavailable):
+        return Problem(503, "library_unavailable", f"the adapter library: {error}")
     if isinstance(error, JobStoreUnavailable):
         return Problem(503, "broker_unavailable", str(error))
     if isinstance(error, InputFetchFailed):
         return Problem(424, "input_fetch_failed", str(error), error.param)
-    if isinstance(error, InvalidParameter):
+    if isinstance(error, InvalidParameter | AdapterRefused):
         return Problem(422, "invalid_request", str(error), error.param)
     if isinstance(error, JobNotFound):
         return Problem(404, "not_found", str(error))
@@ -235,6 +239,8 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         Overloaded,
         RequestTimedOut,
         WorkerLost,
+        AdapterRefused,
+        LibraryUnavailable,
         InputFetchFailed,
         JobStoreUnavailable,
         InvalidParameter,

@@ -8,6 +8,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -63,8 +64,10 @@ def jobs_router(
     settings: ServiceSettings,
     telemetry: Telemetry,
     responses: dict[int | str, dict[str, Any]],
+    pin_loras: Callable[[JobRequest], Awaitable[JobRequest]],
 ) -> APIRouter:
-    """The routes of ``/jobs``; ``responses`` documents the errors they share with /generate."""
+    """The routes of ``/jobs``; ``responses`` documents the errors they share with /generate;
+    ``pin_loras`` checks a job's adapters and pins their digests when it is submitted."""
     router = APIRouter(prefix="/jobs", tags=["jobs"])
     # A default, not an Annotated alias: a local alias would be a forward reference FastAPI
     # can't resolve.
@@ -117,11 +120,12 @@ def jobs_router(
         # A bad or unreachable input is a 4xx now, not a failed job later; the job reads it
         # again when it runs (it keeps the request, not the pixels).
         await read_inputs(body, settings)
+        # The body as sent makes the fingerprint; the job keeps the adapters' digests of now.
         idempotency = (idempotency_key, _fingerprint(body)) if idempotency_key else None
         created = await store.create(
             uuid.uuid4().hex,
             owner=owner,
-            request=body,
+            request=await pin_loras(body),
             base_url=str(request.base_url),
             attempt=uuid.uuid4().hex[:12],
             now=time.time(),

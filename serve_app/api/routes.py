@@ -34,6 +34,7 @@ from serve_app.schemas import (
     GeneratedImage,
     GenerateRequest,
     GenerateResponse,
+    LoraListing,
     Readiness,
 )
 from serve_app.service import GenerationService, build_response
@@ -142,6 +143,8 @@ def create_app(
         request_id: str = request.state.request_id
         base_url = str(request.base_url)
         logger.debug("request %s: prompt %r", request_id, body.prompt)
+        # Adapters are checked (and pinned) first: a bad one is a 422, even for a stream.
+        body = await service.pin_loras(body)
         # Before any answer: a bad or unreachable input is a 4xx, for a stream too. Read before
         # admission, because the input decides the size, and so the cost, of the images.
         inputs = await service.read_inputs(body)
@@ -172,8 +175,23 @@ def create_app(
         client_errors: dict[int | str, dict[str, Any]] = {
             code: _ERRORS[code] for code in (400, 401, 413, 422, 424)
         }
-        router = jobs_router(jobs, settings, service.telemetry, client_errors)
+        router = jobs_router(
+            jobs, settings, service.telemetry, client_errors, pin_loras=service.pin_loras
+        )
         app.include_router(router, dependencies=authenticated)
+
+    @app.get(
+        "/loras",
+        dependencies=authenticated,
+        response_model=LoraListing,
+        responses={
+            401: _ERRORS[401],
+            503: {**_ERRORS[503], "description": "The adapter library can't be read."},
+        },
+    )
+    async def loras() -> LoraListing:
+        """The LoRA adapters requests may apply (loras.N.name), and files that can't be used."""
+        return await asyncio.to_thread(service.library.listing)
 
     @app.get("/healthz", response_model=Readiness, responses={503: {"model": Readiness}})
     async def healthz() -> JSONResponse:

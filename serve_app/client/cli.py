@@ -27,8 +27,8 @@ from serve_app.client.flux_client import (
 from serve_app.client.images import image_source
 from serve_app.jobs.schemas import Job, JobRequest
 from serve_app.models.sources import quiet_progress_bars
-from serve_app.models.tiny import TINY_CLIP_NAME, TINY_FLUX_NAME, ensure_tiny_model
-from serve_app.schemas import Diversity, GeneratedImage, GenerateRequest, SeedMode
+from serve_app.models.tiny import TINY_CLIP_NAME, TINY_FLUX_NAME, TINY_LORAS_NAME, ensure_tiny_model
+from serve_app.schemas import Diversity, GeneratedImage, GenerateRequest, Lora, SeedMode
 from serve_app.settings import get_settings
 
 
@@ -59,9 +59,10 @@ _PIPED_WIDTH = 1000
 
 
 def build_tiny_models(cache_dir: Path) -> None:
-    """Build the embedded tiny FLUX and CLIP into ``cache_dir`` (kept if already there)."""
+    """Build the embedded tiny FLUX, its LoRA library and CLIP into ``cache_dir`` (each kept if
+    already there)."""
     quiet_progress_bars()  # the folders go to stdout; a bar per saved file is noise on stderr
-    for name in (TINY_FLUX_NAME, TINY_CLIP_NAME):
+    for name in (TINY_FLUX_NAME, TINY_LORAS_NAME, TINY_CLIP_NAME):
         print(ensure_tiny_model(name, cache_dir))
 
 
@@ -194,9 +195,31 @@ def health(client: FluxClient, console: Console) -> ExitCode:
     return ExitCode.UNAVAILABLE
 
 
+def loras(client: FluxClient, console: Console) -> ExitCode:
+    """Print the service's LoRA adapters (and the library's files it refuses)."""
+    listing = client.loras()
+    table = Table("name", "rank", "alpha", "layers", "size", "digest")
+    for info in listing.loras:
+        size = f"{info.size_bytes / 2**20:.1f} MiB"
+        layers = f"{info.modules} ({len(info.layers)} kinds)"
+        table.add_row(info.name, str(info.rank), f"{info.alpha:g}", layers, size, info.digest)
+    _stdout_console().print(table)
+    for refused in listing.refused:
+        console.print(f"refused {refused.name}: {refused.reason}", markup=False, highlight=False)
+    console.print(
+        f"{len(listing.loras)} adapters; at most {listing.max_per_request} per request",
+        markup=False,
+        highlight=False,
+    )
+    return ExitCode.OK
+
+
 def _images_table(images: list[GeneratedImage], saved: dict[int, Path]) -> Table:
     table = Table("#", "score", "sampler", "steps", "cfg", "seed")
     table.add_column("url", overflow="fold")
+    with_adapters = any(image.sampling_params.loras for image in images)
+    if with_adapters:
+        table.add_column("loras")
     if saved:
         table.add_column("file")
     for image in images:
@@ -204,10 +227,16 @@ def _images_table(images: list[GeneratedImage], saved: dict[int, Path]) -> Table
         score = "-" if image.score is None else f"{image.score:.2f}"
         row = [str(image.index), score, params.sampler, str(params.steps)]
         row += [str(params.cfg_scale), str(params.seed), image.url]
+        if with_adapters:
+            row.append(_adapters_text(params.loras))
         if saved:
             row.append(str(saved.get(image.index, "")))
         table.add_row(*row)
     return table
+
+
+def _adapters_text(adapters: tuple[Lora, ...]) -> str:
+    return ", ".join(f"{lora.name}:{lora.scale:g}" for lora in adapters) or "-"
 
 
 def _stdout_console() -> Console:
@@ -286,6 +315,7 @@ def _fields(arguments: argparse.Namespace) -> dict[str, Any]:
         "negative_prompt": arguments.negative_prompt,
         "base_seed": arguments.base_seed,
         "diversity": Diversity.model_construct(**diversity) if diversity else None,
+        "loras": arguments.loras,
     }
     return _given(fields)
 
@@ -302,6 +332,15 @@ def _comma_list(parse: Callable[[str], Any]) -> Callable[[str], list[Any]]:
             raise argparse.ArgumentTypeError(f"{text!r}: {error}") from error
 
     return parse_list
+
+
+def _lora(text: str) -> Lora:
+    """``NAME`` or ``NAME:SCALE``; the service checks the name and the scale's bounds."""
+    name, separator, scale = text.partition(":")  # names never hold a colon
+    try:
+        return Lora.model_construct(name=name, scale=float(scale) if separator else 1.0)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: the scale is not a number") from error
 
 
 def _image_argument(text: str) -> str:
@@ -408,6 +447,15 @@ def _request_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--gpus", metavar="N", type=int, help="How many workers may share the request."
     )
+    parser.add_argument(
+        "--lora",
+        metavar="NAME[:SCALE]",
+        dest="loras",
+        action="append",
+        type=_lora,
+        help="Apply a LoRA adapter of the service's library (see `flux-serve loras`), at SCALE "
+        "(default 1); repeat for several.",
+    )
 
 
 def _job_commands(commands: Any, service: list[argparse.ArgumentParser]) -> None:
@@ -451,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser(
-        "build-tiny-models", help="Build the embedded tiny FLUX and CLIP models and print where."
+        "build-tiny-models",
+        help="Build the embedded tiny FLUX, its LoRAs and CLIP, and print where.",
     )
     build.add_argument(
         "cache_dir",
@@ -478,6 +527,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Download the images into this folder (created if needed).",
     )
     _job_commands(commands, service)
+    commands.add_parser(
+        "loras",
+        parents=service,
+        help="List the LoRA adapters the service can apply.",
+        epilog=EXIT_CODES,
+        formatter_class=keep_layout,
+    )
     commands.add_parser(
         "health",
         parents=service,
@@ -512,6 +568,8 @@ def _command(client: FluxClient, arguments: argparse.Namespace, console: Console
     command = arguments.command
     if command == "health":
         return health(client, console)
+    if command == "loras":
+        return loras(client, console)
     if command == "generate":
         return generate(client, _request(arguments), arguments.out, console)
     if command == "submit":

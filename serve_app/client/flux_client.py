@@ -40,6 +40,7 @@ from serve_app.schemas import (
     GeneratedImage,
     GenerateRequest,
     GenerateResponse,
+    LoraListing,
     Readiness,
 )
 
@@ -343,6 +344,11 @@ class FluxClient:
         _check(response)
         return response.content
 
+    def loras(self) -> LoraListing:
+        """The LoRA adapters a request may apply (its ``loras``), from the service's library."""
+        with _transport_errors(self._http.base_url):
+            return _parsed(LoraListing, self._http.get("/loras"))
+
     def _stream_items(self, request: GenerateRequest) -> Generator[_StreamItem, None, None]:
         payload = _payload(request, stream=True)
         with (
@@ -433,6 +439,11 @@ class AsyncFluxClient:
             response = await self._http.get(_url_of(image))
         _check(response)
         return response.content
+
+    async def loras(self) -> LoraListing:
+        """The LoRA adapters a request may apply (its ``loras``), from the service's library."""
+        with _transport_errors(self._http.base_url):
+            return _parsed(LoraListing, await self._http.get("/loras"))
 
     async def _stream_items(self, request: GenerateRequest) -> AsyncGenerator[_StreamItem, None]:
         payload = _payload(request, stream=True)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.generation.adapter_runtime import AdapterRuntime, adapter_runtime
 from serve_app.generation.modes import ModePipelines, input_arguments, keep_unmasked
 from serve_app.generation.planning import SamplingJob
 from serve_app.generation.prompts import PromptEncoder
@@ -28,6 +29,7 @@ from serve_app.models.tiny import TINY_FLUX_NAME
 from serve_app.schemas import Mode, SamplingParams
 from serve_app.settings import ServiceSettings
 from serve_app.storage import codec
+from serve_app.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +52,15 @@ class RenderedImage(BaseModel):
 class FluxGenerator:
     """A loaded FLUX pipeline that turns batches of sampling jobs into images."""
 
-    def __init__(self, settings: ServiceSettings, pipeline: Any | None = None) -> None:
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        pipeline: Any | None = None,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         """Load ``settings.model``, or take ``pipeline``, a FluxPipeline already on the device
-        in its dtype (the GPU benchmark builds one with random weights in place)."""
+        in its dtype (the GPU benchmark builds one with random weights in place); ``telemetry``
+        hears of the adapter cache."""
         quiet_torchao_import()
         use_pil_image_processors()
         from diffusers import FluxPipeline
@@ -75,6 +83,9 @@ class FluxGenerator:
         self.guidance_distilled = bool(self.pipeline.transformer.config.guidance_embeds)
         apply_speedups(self.pipeline, settings)
         quantize_transformer(self.pipeline, settings, self.device)
+        # After quantizing, so that adapters keep their own precision; before compiling, as
+        # with compile_mode the adapter slots are part of the compiled graph.
+        self.adapters: AdapterRuntime | None = adapter_runtime(self.pipeline, settings, telemetry)
         compile_pipeline(self.pipeline, settings)
         self.prompts = PromptEncoder(self.pipeline, settings.prompt_cache_size)
         # After the speed-ups, which change the shared components in place.
@@ -199,6 +210,8 @@ class FluxGenerator:
         inputs = inputs or RenderInputs()
         params = batch[0].params
         with self._lock:
+            if self.adapters is not None:
+                self.adapters.activate(params.loras)
             arguments = self.pipeline_arguments(batch, inputs)
             images: list[Any] = self._run(params.sampler, arguments, cancelled, params.mode)
         if cancelled is not None and cancelled.is_set():

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 
 from serve_app.generation.profiles import ModelProfile
 from serve_app.inputs.fitting import RequestInputs
-from serve_app.schemas import MAX_SEED, GenerateRequest, SamplingParams, SeedMode
+from serve_app.schemas import MAX_SEED, GenerateRequest, Lora, SamplingParams, SeedMode
 from serve_app.settings import ImageFormat, ServiceSettings
 
 
@@ -28,9 +28,11 @@ class SamplingJob(BaseModel):
 
     def batch_key(self) -> tuple[object, ...]:
         """Jobs with equal keys can share one pipeline call, whichever request they come from:
-        prompts, negative prompts, seeds and input images go into a pipeline call one per image."""
+        prompts, negative prompts, seeds and input images go into a pipeline call one per image;
+        adapters and their scales apply to the whole call."""
         p = self.params
-        return (p.sampler, p.steps, p.cfg_scale, p.width, p.height, p.mode, p.strength)
+        adapters = tuple((lora.digest, lora.scale) for lora in p.loras)
+        return (p.sampler, p.steps, p.cfg_scale, p.width, p.height, p.mode, p.strength, adapters)
 
 
 def spread(combinations: int, count: int) -> list[int]:
@@ -59,10 +61,14 @@ def seed_for(mode: SeedMode, base_seed: int, index: int) -> int:
 
 
 def plan_jobs(
-    request: GenerateRequest, settings: ServiceSettings, inputs: RequestInputs | None = None
+    request: GenerateRequest,
+    settings: ServiceSettings,
+    inputs: RequestInputs | None = None,
+    loras: tuple[Lora, ...] = (),
 ) -> list[SamplingJob]:
     """The jobs of ``request``, one per image, in a deterministic order; a request with an image
-    needs its ``inputs`` read (serve_app/inputs/), which also decide the size."""
+    needs its ``inputs`` read (serve_app/inputs/), which also decide the size. Every image
+    applies ``loras`` (the request's adapters as the library resolved them, digests included)."""
     if (request.image is None) != (inputs is None):
         raise ValueError("plan_jobs takes the inputs of a request with an image, and only then")
     native: ModelProfile = settings.native
@@ -91,6 +97,7 @@ def plan_jobs(
             seed=seed_for(diversity.seeds, base_seed, index),
             width=width,
             height=height,
+            loras=loras,
             **from_inputs,
         )
         jobs.append(

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from serve_app.generation.adapter_library import AdapterRefused
 from serve_app.generation.pipeline import RenderCancelled, RenderedImage
 from serve_app.generation.planning import SamplingJob
 from serve_app.inputs.pixels import RenderInputs
@@ -180,6 +181,11 @@ class RenderScheduler:
                 batch.cancelled.set()  # the event loop is going away: free the pipeline too
                 raise
             except RenderCancelled:
+                continue
+            except AdapterRefused as error:
+                # The client's error, and only the calls that asked for the adapter wanted it.
+                logger.warning("adapters refused: %s", error)
+                self._hand_out(batch, error)
                 continue
             except Exception as error:
                 logger.exception("a batch of %d images failed", len(batch.members))

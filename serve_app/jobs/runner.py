@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from serve_app.api.errors import envelope_for
-from serve_app.generation.planning import plan_jobs
 from serve_app.jobs.schemas import FINAL_STATUSES
 from serve_app.jobs.store import JobRecord, JobStore
 from serve_app.jobs.webhooks import WebhookDelivery
@@ -216,7 +215,7 @@ class JobRunner:
         """The job's images: those earlier runs stored, and the rest, made now."""
         # Read again on every run: a job stores its request, not the fitted pixels.
         inputs = await self.service.read_inputs(request)
-        plan = await self.store.plan(record.job_id, plan_jobs(request, self.settings, inputs))
+        plan = await self.store.plan(record.job_id, await self.service.plan(request, inputs))
         stored = await self.store.stored_images(record.job_id)
         if request.top_k is not None:
             # Ranked images are stored only at the end: unless all K were, rank them all again.

@@ -1,4 +1,4 @@
-"""Tiny FLUX and CLIP models built locally: real diffusers/transformers classes, random weights.
+"""Tiny FLUX, its LoRAs and CLIP built locally: real diffusers/transformers classes, random weights.
 
 They are the embedded default and the test models: saved to disk and then loaded through the very
 same ``from_pretrained`` path as the production weights, so nothing downstream knows the difference.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from serve_app.models.image_processors import use_pil_image_processors
 
 TINY_FLUX_NAME = "tiny-flux-v1"
 TINY_CLIP_NAME = "tiny-clip-v1"
+TINY_LORAS_NAME = "tiny-flux-loras-v1"
 _SEED = 20260101
 _HIDDEN = 32
 _CLIP_MAX_TOKENS = 77
@@ -206,22 +208,32 @@ def build_tiny_clip(directory: Path) -> Path:
     return directory
 
 
-_BUILDERS = {TINY_FLUX_NAME: build_tiny_flux, TINY_CLIP_NAME: build_tiny_clip}
+def build_tiny_loras(directory: Path) -> Path:
+    """Write the tiny FLUX's adapter library (serve_app/models/tiny_loras.py) into ``directory``."""
+    from serve_app.models.tiny_loras import TINY_LORAS, write_loras
+
+    return write_loras(_flux_pipeline().transformer, directory, TINY_LORAS)
 
 
-def ensure_tiny_model(name: str, cache_dir: Path) -> Path:
-    """Return the folder of tiny model ``name`` in ``cache_dir``, building it on first use.
+_BUILDERS = {
+    TINY_FLUX_NAME: build_tiny_flux,
+    TINY_CLIP_NAME: build_tiny_clip,
+    TINY_LORAS_NAME: build_tiny_loras,
+}
+
+
+def build_once(target: Path, build: Callable[[Path], Path]) -> Path:
+    """``target``, built by ``build(folder)`` unless it exists.
 
     Replicas may start at once on one node: each builds into a private folder and renames it into
     place, so a reader never sees a half-written model.
     """
-    target = cache_dir / name
     if target.is_dir():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        _BUILDERS[name](staging)
+        build(staging)
         os.rename(staging, target)
     except OSError:
         if not target.is_dir():
@@ -229,3 +241,8 @@ def ensure_tiny_model(name: str, cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def ensure_tiny_model(name: str, cache_dir: Path) -> Path:
+    """Return the folder of tiny model ``name`` in ``cache_dir``, building it on first use."""
+    return build_once(cache_dir / name, _BUILDERS[name])

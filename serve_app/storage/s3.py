@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 from urllib.parse import quote
 
 import boto3
@@ -24,11 +25,31 @@ def _reason(error: Exception) -> str:
     return str(error)
 
 
+def s3_client(settings: ServiceSettings) -> Any:
+    """A boto3 S3 client for the deployment's endpoint, region and retries.
+
+    A session of its own: the default session caches credentials process-wide. Credentials come
+    from boto3's standard chain (environment, profile, instance role), never from requests.
+    """
+    config = Config(
+        retries={"mode": "standard", "max_attempts": settings.s3_max_attempts},
+        s3={"addressing_style": settings.s3_addressing_style},
+        signature_version="s3v4",
+        connect_timeout=5,
+        read_timeout=30,
+    )
+    return boto3.session.Session().client(
+        "s3",
+        region_name=settings.s3_region,
+        endpoint_url=settings.s3_endpoint_url,
+        config=config,
+    )
+
+
 class S3ImageStore:
     """Objects under a prefix in one bucket; URLs are presigned or public.
 
-    Credentials come from boto3's standard chain (environment, profile, instance role), never
-    from requests. No ACLs are sent: buckets with owner-enforced ownership refuse them.
+    No ACLs are sent: buckets with owner-enforced ownership refuse them.
     """
 
     def __init__(self, settings: ServiceSettings) -> None:
@@ -36,20 +57,7 @@ class S3ImageStore:
         self.bucket = settings.s3_bucket
         self.prefix = settings.s3_prefix
         self.settings = settings
-        config = Config(
-            retries={"mode": "standard", "max_attempts": settings.s3_max_attempts},
-            s3={"addressing_style": settings.s3_addressing_style},
-            signature_version="s3v4",
-            connect_timeout=5,
-            read_timeout=30,
-        )
-        # A session of its own: the default session caches credentials process-wide.
-        self.client = boto3.session.Session().client(
-            "s3",
-            region_name=settings.s3_region,
-            endpoint_url=settings.s3_endpoint_url,
-            config=config,
-        )
+        self.client = s3_client(settings)
 
     def object_key(self, key: str) -> str:
         """The bucket key of an image key."""
