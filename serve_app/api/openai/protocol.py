@@ -12,7 +12,7 @@ are refused. flux-serve's extensions (``seed``, ``sampler``, ``steps``, ``guidan
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -223,9 +223,24 @@ class ImageGenerationRequest(ImageRequest):
         return self.asked_size() or (int(width), int(height))
 
 
+def _unset_by_leaving_out(schema: dict[str, Any]) -> None:
+    """A form's schema without null: a form field is unset by leaving it out (the text 'null'
+    is no null), where a JSON body may send null."""
+    for field in schema.get("properties", {}).values():
+        options = [option for option in field.pop("anyOf", []) if option.get("type") != "null"]
+        if len(options) == 1:
+            field.update(options[0])
+        elif options:
+            field["anyOf"] = options
+        if "enum" in field:
+            field["enum"] = [value for value in field["enum"] if value is not None]
+
+
 class ImageEditRequest(ImageRequest):
     """POST /v1/images/edits, a multipart form: the image to edit, an optional mask, and the
     fields of generations (form fields are text: numbers are read from it)."""
+
+    model_config = ConfigDict(json_schema_extra=_unset_by_leaving_out)
 
     # The image's and mask's descriptions say what the service takes; the files' limits and
     # checks are those of /generate's inputs (serve_app/inputs/).
