@@ -527,3 +527,18 @@ def test_the_sdk_against_the_cluster(serve_cluster: ServeCluster) -> None:
         client.images.generate(prompt="a red cat", size="1000x1000")
     assert raised.value.param == "size"
     assert "multiple of 16" in raised.value.message
+
+
+@pytest.mark.ray
+def test_an_edit_against_the_cluster(serve_cluster: ServeCluster) -> None:
+    source = encode(gradient(96, 64))
+    answer = sdk(serve_cluster.url).images.edit(
+        image=png("cat.png", source),
+        mask=png("mask.png", openai_mask((96, 64), 48)),
+        prompt="a red cat",
+        response_format="b64_json",
+    )
+    assert answer.data is not None
+    made = pixels(base64.b64decode(str(answer.data[0].b64_json)))
+    assert made.shape == (64, 96, 3)
+    assert np.array_equal(made[:, 48:], pixels(source)[:, 48:])
