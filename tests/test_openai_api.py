@@ -118,35 +118,40 @@ def test_the_seed_extension_reproduces_images_and_steps_change_them(
     assert mean_abs_difference(inline(client), inline(client)) > 0
 
 
-@pytest.mark.parametrize(
-    ("fields", "param", "says"),
-    [
-        pytest.param({"size": "100x100"}, "size", "multiple of 16", id="size-not-16"),
-        pytest.param({"size": "4096x4096"}, "size", "from 64 to 2048", id="size-too-large"),
-        pytest.param({"size": "large"}, "size", "WIDTHxHEIGHT", id="size-not-a-size"),
-        pytest.param({"model": "dall-e-3"}, "model", "the served model is 'tiny'", id="model"),
-        pytest.param({"n": 0}, "n", "greater than or equal to 1", id="n-zero"),
-        pytest.param({"n": 65}, "n", "less than or equal to 64", id="n-too-many"),
-        pytest.param({"prompt": "   "}, "prompt", "String should", id="blank-prompt"),
-        pytest.param({"output_format": "gif"}, "output_format", "'webp'", id="gif"),
-        pytest.param({"response_format": "html"}, "response_format", "'b64_json'", id="format"),
-        pytest.param({"output_compression": 101}, "output_compression", "100", id="compression"),
-        pytest.param({"background": "transparent"}, "background", "opaque", id="transparent"),
-        pytest.param({"quality": "ultra"}, "quality", "'hd'", id="quality"),
-        pytest.param({"stream": True}, "stream", "POST /generate", id="stream"),
-        pytest.param({"user": "u" * 300}, "user", "at most 256", id="user-too-long"),
-        pytest.param({"extra_body": {"sampler": "ddim"}}, "sampler", "dpmpp_2m", id="sampler"),
-        pytest.param({"extra_body": {"steps": 65}}, "steps", "less than or equal", id="steps"),
-        pytest.param({"extra_body": {"guidance": 0.5}}, "guidance", "greater", id="guidance"),
-        pytest.param({"extra_body": {"frame_count": 3}}, "frame_count", "Extra", id="unknown"),
-    ],
-)
+# The fields generations and edits share, refused alike by both.
+FIELD_REFUSALS = [
+    pytest.param({"size": "100x100"}, "size", "multiple of 16", id="size-not-16"),
+    pytest.param({"size": "4096x4096"}, "size", "from 64 to 2048", id="size-too-large"),
+    pytest.param({"size": "large"}, "size", "WIDTHxHEIGHT", id="size-not-a-size"),
+    pytest.param({"model": "dall-e-3"}, "model", "the served model is 'tiny'", id="model"),
+    pytest.param({"n": 0}, "n", "greater than or equal to 1", id="n-zero"),
+    pytest.param({"n": 65}, "n", "less than or equal to 64", id="n-too-many"),
+    pytest.param({"prompt": "   "}, "prompt", "String should", id="blank-prompt"),
+    pytest.param({"output_format": "gif"}, "output_format", "'webp'", id="gif"),
+    pytest.param({"response_format": "html"}, "response_format", "'b64_json'", id="format"),
+    pytest.param({"output_compression": 101}, "output_compression", "100", id="compression"),
+    pytest.param({"background": "transparent"}, "background", "opaque", id="transparent"),
+    pytest.param({"quality": "ultra"}, "quality", "'hd'", id="quality"),
+    pytest.param({"stream": True}, "stream", "POST /generate", id="stream"),
+    pytest.param({"user": "u" * 300}, "user", "at most 256", id="user-too-long"),
+    pytest.param({"extra_body": {"sampler": "ddim"}}, "sampler", "dpmpp_2m", id="sampler"),
+    pytest.param({"extra_body": {"steps": 65}}, "steps", "less than or equal", id="steps"),
+    pytest.param({"extra_body": {"guidance": 0.5}}, "guidance", "greater", id="guidance"),
+    pytest.param({"extra_body": {"frame_count": 3}}, "frame_count", "Extra", id="unknown"),
+]
+
+
+@pytest.mark.parametrize("endpoint", ["generations", "edits"])
+@pytest.mark.parametrize(("fields", "param", "says"), FIELD_REFUSALS)
 def test_bad_input_raises_bad_request_naming_the_field(
-    client: openai.OpenAI, fields: dict[str, Any], param: str, says: str
+    client: openai.OpenAI, endpoint: str, fields: dict[str, Any], param: str, says: str
 ) -> None:
     request: dict[str, Any] = {"prompt": "a red cat", **fields}
+    if endpoint == "edits":
+        request["image"] = png("cat.png", PICTURE)
+    call = client.images.edit if endpoint == "edits" else client.images.generate
     with pytest.raises(openai.BadRequestError) as raised:
-        client.images.generate(**request)
+        call(**request)
     error = raised.value
     assert error.status_code == 400
     assert (error.type, error.param) == ("invalid_request_error", param)
@@ -290,16 +295,8 @@ def test_what_clients_other_than_the_sdk_may_send(
         pytest.param(
             {"mask": png("m.png", b"GIF89a")}, "mask", "is not a PNG", id="mask-not-an-image"
         ),
-        pytest.param({"model": "dall-e-2"}, "model", "the served model is 'tiny'", id="model"),
-        pytest.param({"size": "100x100"}, "size", "multiple of 16", id="size-not-16"),
-        pytest.param({"size": "4096x4096"}, "size", "from 64 to 2048", id="size-too-large"),
-        pytest.param({"n": 0}, "n", "greater than or equal to 1", id="n-zero"),
-        pytest.param({"prompt": "   "}, "prompt", "String should", id="blank-prompt"),
-        pytest.param({"response_format": "html"}, "response_format", "'b64_json'", id="format"),
-        pytest.param({"background": "transparent"}, "background", "opaque", id="transparent"),
         pytest.param({"extra_body": {"strength": 0}}, "strength", "greater than 0", id="strength"),
         pytest.param({"extra_body": {"seed": "seven"}}, "seed", "valid integer", id="seed"),
-        pytest.param({"extra_body": {"frame_count": 3}}, "frame_count", "Extra", id="unknown"),
     ],
 )
 def test_a_bad_edit_raises_bad_request_naming_the_field(
