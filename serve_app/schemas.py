@@ -83,6 +83,7 @@ InputImageSource = Annotated[
     str, StringConstraints(max_length=_limits.max_data_url_chars, pattern=r"^(data:|https://)")
 ]
 Mode = Literal["text-to-image", "image-to-image", "inpainting"]
+Strength = Annotated[float, Field(gt=0.0, le=1.0)]
 DEFAULT_STRENGTH = 0.8
 
 
@@ -268,7 +269,7 @@ class GenerateRequest(_NullMeansDefault):
         "repainted, black kept as it is in the input (grey blends the two).",
         examples=["data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAA..."],
     )
-    strength: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+    strength: Strength = Field(
         DEFAULT_STRENGTH,
         description="With an image: how much of it is repainted. A run makes the last "
         "steps x strength of its steps (to the nearest, at least one): 1 starts from pure noise "

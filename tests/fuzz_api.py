@@ -24,12 +24,14 @@ from .live_server import always_ready
 
 CASES_PER_MODE = int(os.environ.get("FUZZ_CASES_PER_MODE", "250"))
 # What JSON Schema can't say (top_k at most nof_images; a mask or a strength only with an image,
-# and whether a string is an image at all; a size's bounds and multiple of 16), and which adapters
-# a library holds (their names and digests are data, not schema): data valid by the schema may
-# break these, and then only these. The refusals each path answers then.
+# and whether a string or a file is an image at all; a size's bounds and multiple of 16), and which
+# adapters a library holds (their names and digests are data, not schema): data valid by the
+# schema may break these, and then only these. The refusals each path answers then.
 SCHEMA_BLIND = {
     "/generate": (422, re.compile(r"^(top_k|image|mask|strength|loras\.\d+\.(name|digest))$")),
     "/v1/images/generations": (400, re.compile(r"^size$")),
+    # Also whether the files are images (and one of them), a mask's alpha and size.
+    "/v1/images/edits": (400, re.compile(r"^(size|image|mask)$")),
 }
 
 
@@ -56,6 +58,8 @@ def case_counter() -> Iterator[list[int]]:
         ("/generate", "POST", GenerationMode.NEGATIVE),
         ("/v1/images/generations", "POST", GenerationMode.POSITIVE),
         ("/v1/images/generations", "POST", GenerationMode.NEGATIVE),
+        ("/v1/images/edits", "POST", GenerationMode.POSITIVE),
+        ("/v1/images/edits", "POST", GenerationMode.NEGATIVE),
         # /healthz and /loras take no input that could be invalid.
         ("/healthz", "GET", GenerationMode.POSITIVE),
         ("/loras", "GET", GenerationMode.POSITIVE),

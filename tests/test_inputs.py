@@ -161,6 +161,27 @@ def test_transparency_counts_as_white_in_an_image_and_black_in_a_mask(
     assert (inputs.mask.mode, inputs.mask.width, inputs.mask.height) == ("L", 64, 64)
 
 
+def test_an_openai_mask_repaints_where_it_is_transparent(limits: ServiceSettings) -> None:
+    # OpenAI's convention: alpha 0 is edited, opaque kept, whatever the colours.
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((255, 255, 255, 0), (0, 0, 32, 64))
+    mask.paste((9, 9, 9, 128), (32, 0, 40, 64))
+    inputs = read_uploaded(encode(gradient(64, 64)), encode(mask), limits, mask_convention="alpha")
+    assert inputs.mask is not None
+    grey = inputs.mask.to_pil()
+    assert set(grey.crop((0, 0, 32, 64)).getdata()) == {255}
+    assert set(grey.crop((32, 0, 40, 64)).getdata()) == {127}  # half transparent: half repainted
+    assert set(grey.crop((40, 0, 64, 64)).getdata()) == {0}
+    assert inputs.mask.digest == "sha256:" + hashlib.sha256(encode(mask)).hexdigest()
+
+
+def test_an_openai_mask_without_alpha_is_refused(limits: ServiceSettings) -> None:
+    opaque = encode(Image.new("RGB", (64, 64), "white"))
+    with pytest.raises(InputRefused, match="no alpha channel") as refused:
+        read_uploaded(encode(gradient(64, 64)), opaque, limits, mask_convention="alpha")
+    assert refused.value.param == "mask"
+
+
 def test_a_mask_of_another_size_is_refused(limits: ServiceSettings) -> None:
     image = decode_image(encode(gradient(96, 64)), "image", limits)
     mask = decode_image(encode(Image.new("L", (64, 64))), "mask", limits)

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import httpx2
+import numpy as np
 import openai
 import pytest
 from PIL import Image
@@ -26,7 +27,7 @@ from serve_app.storage.local import LocalImageStore
 from serve_app.telemetry import NoTelemetry, Outcome
 
 from .conftest import MakeService, ServeCluster
-from .images import mean_abs_difference
+from .images import encode, gradient, mean_abs_difference, pixels
 from .live_server import always_ready, serve_over_http
 from .test_reliability import HeldRender
 
@@ -117,35 +118,40 @@ def test_the_seed_extension_reproduces_images_and_steps_change_them(
     assert mean_abs_difference(inline(client), inline(client)) > 0
 
 
-@pytest.mark.parametrize(
-    ("fields", "param", "says"),
-    [
-        pytest.param({"size": "100x100"}, "size", "multiple of 16", id="size-not-16"),
-        pytest.param({"size": "4096x4096"}, "size", "from 64 to 2048", id="size-too-large"),
-        pytest.param({"size": "large"}, "size", "WIDTHxHEIGHT", id="size-not-a-size"),
-        pytest.param({"model": "dall-e-3"}, "model", "the served model is 'tiny'", id="model"),
-        pytest.param({"n": 0}, "n", "greater than or equal to 1", id="n-zero"),
-        pytest.param({"n": 65}, "n", "less than or equal to 64", id="n-too-many"),
-        pytest.param({"prompt": "   "}, "prompt", "String should", id="blank-prompt"),
-        pytest.param({"output_format": "gif"}, "output_format", "'webp'", id="gif"),
-        pytest.param({"response_format": "html"}, "response_format", "'b64_json'", id="format"),
-        pytest.param({"output_compression": 101}, "output_compression", "100", id="compression"),
-        pytest.param({"background": "transparent"}, "background", "opaque", id="transparent"),
-        pytest.param({"quality": "ultra"}, "quality", "'hd'", id="quality"),
-        pytest.param({"stream": True}, "stream", "POST /generate", id="stream"),
-        pytest.param({"user": "u" * 300}, "user", "at most 256", id="user-too-long"),
-        pytest.param({"extra_body": {"sampler": "ddim"}}, "sampler", "dpmpp_2m", id="sampler"),
-        pytest.param({"extra_body": {"steps": 65}}, "steps", "less than or equal", id="steps"),
-        pytest.param({"extra_body": {"guidance": 0.5}}, "guidance", "greater", id="guidance"),
-        pytest.param({"extra_body": {"frame_count": 3}}, "frame_count", "Extra", id="unknown"),
-    ],
-)
+# The fields generations and edits share, refused alike by both.
+FIELD_REFUSALS = [
+    pytest.param({"size": "100x100"}, "size", "multiple of 16", id="size-not-16"),
+    pytest.param({"size": "4096x4096"}, "size", "from 64 to 2048", id="size-too-large"),
+    pytest.param({"size": "large"}, "size", "WIDTHxHEIGHT", id="size-not-a-size"),
+    pytest.param({"model": "dall-e-3"}, "model", "the served model is 'tiny'", id="model"),
+    pytest.param({"n": 0}, "n", "greater than or equal to 1", id="n-zero"),
+    pytest.param({"n": 65}, "n", "less than or equal to 64", id="n-too-many"),
+    pytest.param({"prompt": "   "}, "prompt", "String should", id="blank-prompt"),
+    pytest.param({"output_format": "gif"}, "output_format", "'webp'", id="gif"),
+    pytest.param({"response_format": "html"}, "response_format", "'b64_json'", id="format"),
+    pytest.param({"output_compression": 101}, "output_compression", "100", id="compression"),
+    pytest.param({"background": "transparent"}, "background", "opaque", id="transparent"),
+    pytest.param({"quality": "ultra"}, "quality", "'hd'", id="quality"),
+    pytest.param({"stream": True}, "stream", "POST /generate", id="stream"),
+    pytest.param({"user": "u" * 300}, "user", "at most 256", id="user-too-long"),
+    pytest.param({"extra_body": {"sampler": "ddim"}}, "sampler", "dpmpp_2m", id="sampler"),
+    pytest.param({"extra_body": {"steps": 65}}, "steps", "less than or equal", id="steps"),
+    pytest.param({"extra_body": {"guidance": 0.5}}, "guidance", "greater", id="guidance"),
+    pytest.param({"extra_body": {"frame_count": 3}}, "frame_count", "Extra", id="unknown"),
+]
+
+
+@pytest.mark.parametrize("endpoint", ["generations", "edits"])
+@pytest.mark.parametrize(("fields", "param", "says"), FIELD_REFUSALS)
 def test_bad_input_raises_bad_request_naming_the_field(
-    client: openai.OpenAI, fields: dict[str, Any], param: str, says: str
+    client: openai.OpenAI, endpoint: str, fields: dict[str, Any], param: str, says: str
 ) -> None:
     request: dict[str, Any] = {"prompt": "a red cat", **fields}
+    if endpoint == "edits":
+        request["image"] = png("cat.png", PICTURE)
+    call = client.images.edit if endpoint == "edits" else client.images.generate
     with pytest.raises(openai.BadRequestError) as raised:
-        client.images.generate(**request)
+        call(**request)
     error = raised.value
     assert error.status_code == 400
     assert (error.type, error.param) == ("invalid_request_error", param)
@@ -154,13 +160,155 @@ def test_bad_input_raises_bad_request_naming_the_field(
     assert error.body["message"].startswith(f"{param}: ")
 
 
-def test_edits_are_a_400_that_says_they_are_not_served(client: openai.OpenAI) -> None:
-    png = io.BytesIO()
-    Image.new("RGB", (64, 64), "red").save(png, format="PNG")
+# Edits: multipart forms of an image, a mask in OpenAI's convention, and the fields of generations
+
+PICTURE = encode(gradient(100, 70))  # edited at 96x64: its size rounded down to multiples of 16
+
+
+def png(name: str, data: bytes) -> tuple[str, bytes, str]:
+    """A file as the SDK uploads it."""
+    return (name, data, "image/png")
+
+
+def openai_mask(size: tuple[int, int], edit_width: int) -> bytes:
+    """OpenAI's convention: transparent (edited) on the left ``edit_width`` pixels, opaque (kept)
+    elsewhere; the colours carry nothing."""
+    mask = Image.new("RGBA", size, (255, 255, 255, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, edit_width, size[1]))
+    return encode(mask)
+
+
+def edited(client: openai.OpenAI, **fields: Any) -> list[bytes]:
+    """The images of a b64_json edit of PICTURE, decoded; extensions go in extra_body."""
+    extra = {key: fields.pop(key) for key in ("seed", "strength", "steps") if key in fields}
+    answer = client.images.edit(
+        image=fields.pop("image", None) or png("cat.png", PICTURE),
+        prompt="a red cat",
+        response_format="b64_json",
+        extra_body=extra,
+        **fields,
+    )
+    assert answer.data is not None
+    return [base64.b64decode(str(image.b64_json)) for image in answer.data]
+
+
+def test_an_edit_makes_n_images_of_the_asked_size_unlike_text_to_image(
+    client: openai.OpenAI,
+) -> None:
+    answer = client.images.edit(
+        image=png("cat.png", PICTURE), prompt="a red cat", n=2, size="64x128"
+    )
+    assert (answer.size, answer.output_format) == ("64x128", "png")
+    assert answer.data is not None
+    assert len(answer.data) == 2
+    for image in answer.data:
+        fetched = httpx.get(str(image.url), timeout=30)
+        assert picture(fetched.content).size == (64, 128)
+    edits = edited(client, n=2, size="64x128", seed=5)
+    texts = client.images.generate(
+        prompt="a red cat", n=2, size="64x128", response_format="b64_json", extra_body={"seed": 5}
+    ).data
+    assert texts is not None
+    for edit, text in zip(edits, texts, strict=True):
+        assert picture(edit).size == (64, 128)
+        assert mean_abs_difference(edit, base64.b64decode(str(text.b64_json))) > 5
+    assert edits == edited(client, n=2, size="64x128", seed=5)  # a seed reproduces an edit
+
+
+def test_an_edit_without_a_size_takes_the_images_and_strength_steers_it(
+    client: openai.OpenAI,
+) -> None:
+    other = png("other.png", encode(gradient(100, 70, turned=True)))
+    [light, light_other] = [edited(client, image=i, seed=3, strength=0.3)[0] for i in (None, other)]
+    assert picture(light).size == (96, 64)
+    assert mean_abs_difference(light, light_other) > 1  # the input shows through
+    # At full strength the input is ignored: the pipeline starts from pure noise.
+    [full, full_other] = [edited(client, image=i, seed=3, strength=1.0)[0] for i in (None, other)]
+    assert mean_abs_difference(full, full_other) == 0
+
+
+def test_inpainting_keeps_the_image_where_the_mask_is_opaque(client: openai.OpenAI) -> None:
+    source = encode(gradient(96, 64))
+    [made] = edited(
+        client, image=png("cat.png", source), mask=png("m.png", openai_mask((96, 64), 48))
+    )
+    assert np.array_equal(pixels(made)[:, 48:], pixels(source)[:, 48:])
+    assert np.abs(pixels(made)[:, :48] - pixels(source)[:, :48]).mean() > 10
+
+
+PROMPT = {"prompt": "a red cat"}
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "says"),
+    [
+        pytest.param(
+            {"data": PROMPT, "files": [("image", png("a.png", PICTURE))] * 2},
+            "image",
+            "2 images were sent",
+            id="the-field-twice",
+        ),
+        pytest.param({"json": PROMPT}, None, "send the body as a multipart form", id="json"),
+        pytest.param(
+            {"data": {**PROMPT, "image": "https://example.com/cat.png"}},
+            None,
+            "send the body as a multipart form",
+            id="url-encoded",
+        ),
+    ],
+)
+def test_what_clients_other_than_the_sdk_may_send(
+    live_url: str, body: dict[str, Any], param: str | None, says: str
+) -> None:
+    response = httpx.post(f"{live_url}/v1/images/edits", timeout=30, **body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    assert says in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "says"),
+    [
+        pytest.param({"image": []}, "image", "send the image to edit", id="no-image"),
+        pytest.param(
+            {"image": png("cat.png", b"not an image")}, "image", "is not a PNG", id="not-an-image"
+        ),
+        pytest.param(
+            {"image": [png("a.png", PICTURE), png("b.png", PICTURE)]},
+            "image",
+            "2 images were sent",
+            id="two-images",
+        ),
+        pytest.param(
+            {"mask": png("m.png", encode(Image.new("L", (100, 70), 255)))},
+            "mask",
+            "no alpha channel",
+            id="mask-without-alpha",
+        ),
+        pytest.param(
+            {"mask": png("m.png", openai_mask((64, 64), 32))},
+            "mask",
+            "the mask is 64x64 and the image 100x70",
+            id="mask-of-another-size",
+        ),
+        pytest.param(
+            {"mask": png("m.png", b"GIF89a")}, "mask", "is not a PNG", id="mask-not-an-image"
+        ),
+        pytest.param({"extra_body": {"strength": 0}}, "strength", "greater than 0", id="strength"),
+        pytest.param({"extra_body": {"seed": "seven"}}, "seed", "valid integer", id="seed"),
+    ],
+)
+def test_a_bad_edit_raises_bad_request_naming_the_field(
+    client: openai.OpenAI, fields: dict[str, Any], param: str, says: str
+) -> None:
+    request: dict[str, Any] = {"image": png("cat.png", PICTURE), "prompt": "a red cat", **fields}
     with pytest.raises(openai.BadRequestError) as raised:
-        client.images.edit(image=("cat.png", png.getvalue(), "image/png"), prompt="a red cat")
-    assert raised.value.code == "not_served"
-    assert "not served" in raised.value.message
+        client.images.edit(**request)
+    error = raised.value
+    assert error.status_code == 400
+    assert (error.type, error.param) == ("invalid_request_error", param)
+    assert says in error.message
 
 
 def test_models_lists_and_retrieves_the_served_model(
@@ -186,10 +334,15 @@ def test_an_oversized_body_is_a_413_in_openais_envelope(
     # A small limit: the default one holds input images, far more than a prompt can fill.
     small = settings.model_copy(update={"max_body_bytes": 65536})
     app = create_app(make_service(small, store), always_ready)
-    with serve_over_http(app) as url, pytest.raises(openai.APIStatusError) as raised:
-        sdk(url).images.generate(prompt="x" * 70_000)
-    assert raised.value.status_code == 413
-    assert raised.value.code == "request_too_large"
+    with serve_over_http(app) as url:
+        with pytest.raises(openai.APIStatusError) as raised:
+            sdk(url).images.generate(prompt="x" * 70_000)
+        assert raised.value.status_code == 413
+        assert raised.value.code == "request_too_large"
+        with pytest.raises(openai.APIStatusError) as raised:
+            sdk(url).images.edit(image=png("big.png", bytes(70_000)), prompt="a red cat")
+        assert raised.value.status_code == 413
+        assert raised.value.code == "request_too_large"
 
 
 def test_the_request_id_is_echoed_and_names_the_stored_images(client: openai.OpenAI) -> None:
@@ -242,14 +395,20 @@ def test_a_wrong_key_raises_authentication_error(locked_url: str, key: str) -> N
     assert raised.value.code == "authentication_error"
     assert raised.value.response.headers["www-authenticate"].startswith("Bearer")
     with pytest.raises(openai.AuthenticationError):
+        client.images.edit(image=png("cat.png", PICTURE), prompt="a red cat")
+    with pytest.raises(openai.AuthenticationError):
         client.models.list()
 
 
 @pytest.mark.parametrize("key", KEYS)
 def test_a_valid_key_is_admitted(locked_url: str, key: str) -> None:
-    answer = sdk(locked_url, api_key=key).images.generate(prompt="a red cat", size="64x64")
+    client = sdk(locked_url, api_key=key)
+    answer = client.images.generate(prompt="a red cat", size="64x64")
     assert answer.data is not None
     assert len(answer.data) == 1
+    edit = client.images.edit(image=png("cat.png", PICTURE), prompt="a red cat", size="64x64")
+    assert edit.data is not None
+    assert len(edit.data) == 1
 
 
 def test_one_admission_for_both_apis_and_overload_is_a_503_with_retry_after(
@@ -278,6 +437,10 @@ def test_one_admission_for_both_apis_and_overload_is_a_503_with_retry_after(
             assert raised.value.status_code == 503
             assert raised.value.response.headers["retry-after"] == "3"
             assert (raised.value.type, raised.value.code) == ("server_error", "overloaded")
+            with pytest.raises(openai.InternalServerError) as raised:
+                await client.images.edit(image=png("cat.png", PICTURE), prompt="a red cat")
+            assert (raised.value.status_code, raised.value.code) == (503, "overloaded")
+            assert raised.value.response.headers["retry-after"] == "3"
             held.release.set()
             assert (await holding).status_code == 200
             answer = await client.images.generate(prompt="a red cat", size="64x64")
@@ -302,8 +465,11 @@ def test_image_requests_are_counted_like_generate_ones(service: GenerationServic
         client.images.generate(prompt="a red cat", size="64x64")
         with pytest.raises(openai.BadRequestError):
             client.images.generate(prompt="a red cat", size="65x64")
+        client.images.edit(image=png("cat.png", PICTURE), prompt="a red cat", size="64x64")
+        with pytest.raises(openai.BadRequestError):
+            client.images.edit(image=png("cat.png", b"not an image"), prompt="a red cat")
         client.models.list()  # not an image request
-    assert telemetry.outcomes == ["success", "client_error"]
+    assert telemetry.outcomes == ["success", "client_error", "success", "client_error"]
 
 
 def test_the_openapi_schema_documents_every_field(live_url: str) -> None:
@@ -313,10 +479,20 @@ def test_the_openapi_schema_documents_every_field(live_url: str) -> None:
     assert {"model", "n", "size", "response_format", "seed", "steps"} <= set(request["properties"])
     for name, field in request["properties"].items():
         assert field.get("description"), name
-    errors = schema["paths"]["/v1/images/generations"]["post"]["responses"]
-    assert errors["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
-        "OpenAIErrorEnvelope"
+    edit = schema["components"]["schemas"]["ImageEditRequest"]
+    assert edit["additionalProperties"] is False
+    assert {"image", "image[]", "mask", "prompt", "n", "size", "strength"} <= set(
+        edit["properties"]
     )
+    for name, field in edit["properties"].items():
+        assert field.get("description"), name
+    body = schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
+    assert body["multipart/form-data"]["schema"]["$ref"].endswith("ImageEditRequest")
+    for path in ("/v1/images/generations", "/v1/images/edits"):
+        errors = schema["paths"][path]["post"]["responses"]
+        assert errors["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
+            "OpenAIErrorEnvelope"
+        )
 
 
 @pytest.mark.ray
@@ -348,3 +524,18 @@ def test_the_sdk_against_the_cluster(serve_cluster: ServeCluster) -> None:
         client.images.generate(prompt="a red cat", size="1000x1000")
     assert raised.value.param == "size"
     assert "multiple of 16" in raised.value.message
+
+
+@pytest.mark.ray
+def test_an_edit_against_the_cluster(serve_cluster: ServeCluster) -> None:
+    source = encode(gradient(96, 64))
+    answer = sdk(serve_cluster.url).images.edit(
+        image=png("cat.png", source),
+        mask=png("mask.png", openai_mask((96, 64), 48)),
+        prompt="a red cat",
+        response_format="b64_json",
+    )
+    assert answer.data is not None
+    made = pixels(base64.b64decode(str(answer.data[0].b64_json)))
+    assert made.shape == (64, 96, 3)
+    assert np.array_equal(made[:, 48:], pixels(source)[:, 48:])

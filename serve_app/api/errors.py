@@ -198,11 +198,25 @@ def _body_problem(problem: dict[str, Any], content_type: str, body: Any) -> str 
     return "the body must be a JSON object"
 
 
+def _form_media_type(scope: Scope) -> str | None:
+    """The media type of the multipart form the request's route reads its body from, if any."""
+    body = getattr(scope.get("route"), "body_field", None)
+    media_type = getattr(getattr(body, "field_info", None), "media_type", None)
+    return media_type if str(media_type).startswith("multipart/") else None
+
+
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
     problems = error.errors()
     first = problems[0]
-    whole_body = _body_problem(first, request.headers.get("content-type", ""), error.body)
+    content_type = request.headers.get("content-type", "")
+    form = _form_media_type(request.scope)
+    # A JSON body sent to a form's route has every field missing: say what to send instead.
+    whole_body = (
+        f"send the body as a multipart form, its files as parts (content-type: {form})"
+        if form and content_type.split(";")[0].strip().lower() != form
+        else _body_problem(first, content_type, error.body)
+    )
     if whole_body is not None:
         message, param = whole_body, None
     else:

@@ -67,10 +67,11 @@ def plan_jobs(
     loras: tuple[Lora, ...] = (),
 ) -> list[SamplingJob]:
     """The jobs of ``request``, one per image, in a deterministic order; a request with an image
-    needs its ``inputs`` read (serve_app/inputs/), which also decide the size. Every image
-    applies ``loras`` (the request's adapters as the library resolved them, digests included)."""
-    if (request.image is None) != (inputs is None):
-        raise ValueError("plan_jobs takes the inputs of a request with an image, and only then")
+    needs its ``inputs`` read (serve_app/inputs/), which also decide the size; uploaded inputs
+    (a form's files) come without an ``image`` in the request. Every image applies ``loras``
+    (the request's adapters as the library resolved them, digests included)."""
+    if request.image is not None and inputs is None:
+        raise ValueError("plan_jobs takes the read inputs of a request with an image")
     native: ModelProfile = settings.native
     diversity = request.diversity
     combinations = list(

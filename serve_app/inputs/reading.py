@@ -7,6 +7,7 @@ import asyncio
 from serve_app.inputs.decoding import DecodedImage, data_url_bytes, decode_image
 from serve_app.inputs.fetching import fetch_image
 from serve_app.inputs.fitting import RequestInputs, fit_inputs
+from serve_app.inputs.masks import MaskConvention, repainted_where_transparent
 from serve_app.schemas import DEFAULT_STRENGTH, GenerateRequest
 from serve_app.settings import ServiceSettings
 
@@ -60,9 +61,14 @@ def read_uploaded(
     width: int | None = None,
     height: int | None = None,
     strength: float = DEFAULT_STRENGTH,
+    mask_convention: MaskConvention = "grey",
 ) -> RequestInputs:
-    """Uploaded files (a multipart form's) as the same checked, fitted inputs; blocking."""
+    """Uploaded files (a multipart form's) as the same checked, fitted inputs; blocking.
+
+    ``mask_convention`` says how the mask marks what to repaint (serve_app/inputs/masks.py).
+    """
+    decoded = decode_image(image, "image", settings)
     decoded_mask = decode_image(mask, "mask", settings) if mask is not None else None
-    return fit_inputs(
-        decode_image(image, "image", settings), decoded_mask, width, height, strength, settings
-    )
+    if decoded_mask is not None and mask_convention == "alpha":
+        decoded_mask = repainted_where_transparent(decoded_mask)
+    return fit_inputs(decoded, decoded_mask, width, height, strength, settings)

@@ -3,6 +3,7 @@ they take the same flow as /generate, and its answers take OpenAI's shape."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from typing import Literal
@@ -10,12 +11,15 @@ from typing import Literal
 from serve_app.api.admission import Ticket
 from serve_app.api.openai.protocol import (
     ImageData,
-    ImageGenerationRequest,
+    ImageEditRequest,
+    ImageRequest,
     ImagesResponse,
     ModelCard,
     ModelList,
 )
 from serve_app.generation.planning import plan_jobs
+from serve_app.inputs.fitting import RequestInputs
+from serve_app.inputs.reading import read_uploaded
 from serve_app.schemas import Diversity, GenerateRequest
 from serve_app.service import GenerationService
 
@@ -28,9 +32,10 @@ class OpenAIImages:
         self.settings = service.settings
         self.card = ModelCard(id=self.settings.served_model, created=int(time.time()))
 
-    def generate_request(self, body: ImageGenerationRequest) -> GenerateRequest:
-        """The request of our own API that makes what ``body`` asks for."""
-        width, height = body.dimensions()
+    def generate_request(self, body: ImageRequest, size: tuple[int, int]) -> GenerateRequest:
+        """The request of our own API that makes what ``body`` asks for, ``size`` pixels large
+        (an edit's input image comes beside it, read by ``edit_inputs``)."""
+        width, height = size
         return GenerateRequest(
             prompt=body.prompt,
             nof_images=body.n or 1,
@@ -49,26 +54,46 @@ class OpenAIImages:
             image_quality=body.output_compression,
         )
 
+    async def edit_inputs(self, body: ImageEditRequest) -> RequestInputs:
+        """The edit's image and mask, checked and fitted as /generate's input images are; its
+        mask read in OpenAI's convention. Unset size: the image's own, as /generate's rule says.
+
+        Raises InvalidParameter (a 400 here) naming the file at fault."""
+        image = await body.upload().read()
+        mask = await body.mask.read() if body.mask is not None else None
+        width, height = body.asked_size() or (None, None)
+        return await asyncio.to_thread(
+            read_uploaded,
+            image,
+            mask,
+            self.settings,
+            width=width,
+            height=height,
+            strength=body.effective_strength(),
+            mask_convention="alpha",
+        )
+
     async def images(
         self,
         request: GenerateRequest,
+        inputs: RequestInputs | None,
         response_format: Literal["url", "b64_json"] | None,
         request_id: str,
         base_url: str,
         ticket: Ticket,
     ) -> ImagesResponse:
-        """Make the images of ``request`` on its admission ``ticket``: stored, with their URLs,
-        or inline (b64_json)."""
+        """Make the images of ``request`` (from its read ``inputs``, for an edit) on its
+        admission ``ticket``: stored, with their URLs, or inline (b64_json)."""
         if response_format == "b64_json":
-            jobs = plan_jobs(request, self.settings)
-            finals = self.service.scored_images(jobs, request, progress=ticket.progress)
+            jobs = plan_jobs(request, self.settings, inputs)
+            finals = self.service.scored_images(jobs, request, inputs, ticket.progress)
             made = [image async for final in finals for image in final]
             made.sort(key=lambda image: image.rendered.job.index)
             data = [ImageData(b64_json=base64.b64encode(i.rendered.data).decode()) for i in made]
         else:
             started = time.perf_counter()
             answer = await self.service.generate(
-                request, request_id, base_url, started, progress=ticket.progress
+                request, request_id, base_url, started, inputs, ticket.progress
             )
             data = [ImageData(url=image.url) for image in answer.images]
         return ImagesResponse(
