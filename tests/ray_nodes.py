@@ -233,9 +233,11 @@ def ray_cluster(
     try:
         cluster.add_head(num_cpus=1, resources=head_resources)
         cluster.wait_for_nodes({"head"})
-        for name in workers:
+        # One at a time: raylets starting together on a busy 2-core machine can miss their 30 s
+        # to register with the GCS.
+        for started, name in enumerate(workers, 1):
             cluster.add_worker(name, num_cpus=2, num_gpus=1)
-        cluster.wait_for_nodes({"head", *workers})
+            cluster.wait_for_nodes({"head", *workers[:started]})
         yield cluster
     finally:
         cluster.shutdown()

@@ -138,7 +138,10 @@ def test_the_jobs_metrics_reach_prometheus(serve_cluster: ServeCluster) -> None:
     wait_for_metric(serve_cluster, finished, 'outcome="cancelled"', before[finished])
     # Time queued: observed when a job leaves the queue (a job cancelled while queued never does).
     wait_for_metric(serve_cluster, names[1], "", before[names[1]])
-    depth = metric(serve_cluster, names[2])
+    # A gauge the runners set every few seconds: it reaches the endpoint at the next export.
+    deadline = time.monotonic() + 60
+    while not (depth := metric(serve_cluster, names[2])) and time.monotonic() < deadline:
+        time.sleep(1)
     assert depth, "no queue depth reported"
     assert all(value >= 0 for value in depth.values())
 
