@@ -28,7 +28,9 @@ from serve_app.storage.factory import make_store
 
 logger = logging.getLogger("ray.serve")
 
-_QUEUE_REPORT_S = 5.0
+# Ray's metrics agent drops a gauge that was not set again within two export intervals (one
+# second at the least), so the queue depth is set every second: one LLEN per runner replica.
+_QUEUE_REPORT_S = 1.0
 
 
 @task_consumer(task_processor_config=jobs_task_config(get_settings()))
