@@ -30,6 +30,7 @@ from serve_app.jobs.webhooks import WebhookDelivery, deliver
 from serve_app.service import GenerationService, RenderStream
 from serve_app.settings import ServiceSettings
 from serve_app.storage.local import LocalImageStore
+from serve_app.telemetry import JobOutcome, NoTelemetry
 
 from .conftest import WEBHOOK_SECRET, MakeService
 from .images import data_url, encode, gradient
@@ -280,6 +281,44 @@ def test_a_cancelled_queued_job_never_runs(
     assert rendered == []
     job = jobs_client.get(f"/jobs/{job_id}").json()
     assert (job["status"], job["started_at"]) == ("cancelled", None)
+
+
+class EndsCounted(NoTelemetry):
+    """Telemetry that keeps the jobs' ends it is told of."""
+
+    def __init__(self) -> None:
+        self.ends: list[str] = []
+
+    def job_finished(self, outcome: JobOutcome) -> None:
+        self.ends.append(outcome)
+
+
+def test_a_job_cancelled_as_its_last_images_are_stored_ends_cancelled_counted_once(
+    jobs_client: TestClient,
+    jobs_settings: ServiceSettings,
+    make_service: MakeService,
+    store: LocalImageStore,
+    job_of_eight: str,
+) -> None:
+    def cancel_after_the_last_batch(made: int) -> None:
+        if made == 8:
+            assert jobs_client.delete(f"/jobs/{job_of_eight}").status_code == 200
+
+    rendered: list[int] = []
+    service = make_service(jobs_settings, store)
+    render = counting(service._render, rendered, after_batch=cancel_after_the_last_batch)
+    telemetry = EndsCounted()
+    runner = JobRunner(
+        jobs_settings,
+        job_store(jobs_settings),
+        make_service(jobs_settings, store, render),
+        CeleryJobQueue(jobs_settings),
+        telemetry,
+    )
+    assert asyncio.run(runner.run(job_of_eight)) == "done"
+    job = jobs_client.get(f"/jobs/{job_of_eight}").json()
+    assert (job["status"], job["result"]) == ("cancelled", None)
+    assert telemetry.ends == ["cancelled"]
 
 
 def test_a_job_applies_its_adapters_as_they_were_when_it_was_submitted(

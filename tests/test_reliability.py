@@ -87,6 +87,11 @@ def test_overload_is_answered_at_once_with_retry_after(
     call(app, scenario)
 
 
+# Workers assumed fast enough for admission to let a request with a short deadline in: the
+# deadline, not admission, is what these tests meet.
+ADMITTED = {"admission_prior_speed": 1000.0}
+
+
 def test_a_request_past_its_deadline_is_a_504_and_its_work_is_cancelled(
     settings: ServiceSettings,
     make_service: MakeService,
@@ -94,7 +99,7 @@ def test_a_request_past_its_deadline_is_a_504_and_its_work_is_cancelled(
     scheduler: RenderScheduler,
 ) -> None:
     held = HeldRender(scheduler)  # never released: the work can't finish
-    hasty = settings.model_copy(update={"request_timeout_s": 0.5})
+    hasty = settings.model_copy(update={"request_timeout_s": 0.5, **ADMITTED})
     app = create_app(make_service(hasty, store, held), always_ready)
 
     async def scenario(client: httpx.AsyncClient) -> None:
@@ -113,7 +118,7 @@ def test_a_stream_past_its_deadline_ends_with_a_timeout_event(
     scheduler: RenderScheduler,
 ) -> None:
     held = HeldRender(scheduler)
-    hasty = settings.model_copy(update={"request_timeout_s": 0.5})
+    hasty = settings.model_copy(update={"request_timeout_s": 0.5, **ADMITTED})
     app = create_app(make_service(hasty, store, held), always_ready)
 
     async def scenario(client: httpx.AsyncClient) -> None:

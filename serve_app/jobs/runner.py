@@ -199,15 +199,16 @@ class JobRunner:
         )
         if await self.store.finish(record.job_id, token, time.time(), result=response):
             self.telemetry.job_finished("succeeded")
-        elif await self._held_by_another(record.job_id):
-            raise _Stopped("taken_over")
         else:
-            await self.store.finish(record.job_id, token, time.time())  # cancelled: settle it
+            current = await self.store.record(record.job_id)
+            status = current.status if current is not None else None
+            if status is not None and status not in FINAL_STATUSES:
+                raise _Stopped("taken_over")
+            if status == "cancelled":  # while its last images were stored: this run's end
+                await self.store.finish(record.job_id, token, time.time())
+                self.telemetry.job_finished("cancelled")
+            # Otherwise another runner that took it over ended it, and counted that.
         await self.ends.announce(record.job_id)
-
-    async def _held_by_another(self, job_id: str) -> bool:
-        record = await self.store.record(job_id)
-        return record is not None and record.status not in FINAL_STATUSES
 
     async def _make_images(
         self, record: JobRecord, request: GenerateRequest
