@@ -29,8 +29,10 @@ def memory_by_process() -> dict[int, int]:
     sizes = {}
     for process in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.NoSuchProcess):
-            # A replica still loading its model is growing by design: not a settled process.
-            if "initialize" not in process.name():
+            # A replica still loading its model is growing by design, and an idle worker of Ray's
+            # pool may become one (autoscaling): neither is a settled process.
+            name = process.name()
+            if "initialize" not in name and "IDLE" not in name:
                 sizes[process.pid] = process.memory_info().rss
     return sizes
 

@@ -8,6 +8,7 @@ for ten minutes and prints the same figures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import statistics
@@ -16,6 +17,7 @@ from collections import Counter
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from .conftest import ServeCluster
@@ -99,4 +101,19 @@ def test_a_soak_of_mixed_requests_has_no_errors_and_memory_levels_off(
     assert {kind for status, _, kind in outcomes if status != 200} <= {"overloaded"}
     assert statuses[200] >= 0.9 * len(outcomes)
     # Memory levels off: the last third adds little, whatever the first (warm-up) added.
-    assert thirds[2] < 100 * 2**20
+    assert thirds[2] < 100 * 2**20, growers(snapshots[0], snapshots[2], snapshots[3])
+
+
+def growers(settled: dict[int, int], before: dict[int, int], after: dict[int, int]) -> str:
+    """The processes that grew most from ``before`` to ``after``, for the failure message."""
+    common = settled.keys() & before.keys() & after.keys()
+    grown = sorted(common, key=lambda pid: before[pid] - after[pid])[:5]
+    return ", ".join(
+        f"{process_name(pid)} {(after[pid] - before[pid]) / 2**20:+.0f} MiB" for pid in grown
+    )
+
+
+def process_name(pid: int) -> str:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return str(psutil.Process(pid).name())
+    return str(pid)
