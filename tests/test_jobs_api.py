@@ -213,14 +213,17 @@ def make_runner(
     rendered: list[int],
     fail_after: int | None = None,
     after_batch: Callable[[int], None] | None = None,
+    telemetry: NoTelemetry | None = None,
 ) -> JobRunner:
     service = make_service(settings, store)
     render = counting(service._render, rendered, fail_after, after_batch)
-    return job_runner(settings, make_service(settings, store, render))
+    return job_runner(settings, make_service(settings, store, render), telemetry)
 
 
-def job_runner(settings: ServiceSettings, service: GenerationService) -> JobRunner:
-    return JobRunner(settings, job_store(settings), service, CeleryJobQueue(settings))
+def job_runner(
+    settings: ServiceSettings, service: GenerationService, telemetry: NoTelemetry | None = None
+) -> JobRunner:
+    return JobRunner(settings, job_store(settings), service, CeleryJobQueue(settings), telemetry)
 
 
 def queued_webhook(settings: ServiceSettings, job_id: str) -> WebhookDelivery:
@@ -304,16 +307,14 @@ def test_a_job_cancelled_as_its_last_images_are_stored_ends_cancelled_counted_on
         if made == 8:
             assert jobs_client.delete(f"/jobs/{job_of_eight}").status_code == 200
 
-    rendered: list[int] = []
-    service = make_service(jobs_settings, store)
-    render = counting(service._render, rendered, after_batch=cancel_after_the_last_batch)
     telemetry = EndsCounted()
-    runner = JobRunner(
+    runner = make_runner(
         jobs_settings,
-        job_store(jobs_settings),
-        make_service(jobs_settings, store, render),
-        CeleryJobQueue(jobs_settings),
-        telemetry,
+        make_service,
+        store,
+        [],
+        after_batch=cancel_after_the_last_batch,
+        telemetry=telemetry,
     )
     assert asyncio.run(runner.run(job_of_eight)) == "done"
     job = jobs_client.get(f"/jobs/{job_of_eight}").json()
