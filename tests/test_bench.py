@@ -387,7 +387,7 @@ def test_timed_job_polls_until_the_job_has_succeeded() -> None:
 
     async def run() -> jobs_bench.JobTiming:
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
-            return await jobs_bench.timed_job(client, WORKLOAD.request_body(stream=False))
+            return await jobs_bench.timed_job(client, WORKLOAD.request_body(stream=False), 0.0)
 
     timing = asyncio.run(run())
     assert timing.images == 4
@@ -405,7 +405,7 @@ def test_timed_job_fails_loudly_on_a_failed_job() -> None:
 
     async def run() -> None:
         async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
-            await jobs_bench.timed_job(client, WORKLOAD.request_body(stream=False))
+            await jobs_bench.timed_job(client, WORKLOAD.request_body(stream=False), 0.0)
 
     with pytest.raises(ServiceError, match="failed"):
         asyncio.run(run())

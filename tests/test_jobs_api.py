@@ -322,6 +322,31 @@ def test_a_job_cancelled_as_its_last_images_are_stored_ends_cancelled_counted_on
     assert telemetry.ends == ["cancelled"]
 
 
+def test_a_job_cancelled_mid_run_stops_after_the_batch_it_was_storing(
+    jobs_client: TestClient,
+    jobs_settings: ServiceSettings,
+    make_service: MakeService,
+    store: LocalImageStore,
+    job_of_eight: str,
+) -> None:
+    # A lease of a minute: the runner's watch ticks once a second, far longer than the second
+    # batch of four 64-pixel images takes, so only the check at each stored image can stop it.
+    slow_tick = jobs_settings.model_copy(update={"jobs_lease_s": 60.0})
+
+    def cancel_after_the_first_batch(made: int) -> None:
+        if made == 4:
+            assert jobs_client.delete(f"/jobs/{job_of_eight}").status_code == 200
+
+    runner = make_runner(
+        slow_tick, make_service, store, [], after_batch=cancel_after_the_first_batch
+    )
+    assert asyncio.run(runner.run(job_of_eight)) == "done"
+    job = jobs_client.get(f"/jobs/{job_of_eight}").json()
+    assert (job["status"], job["progress"]["done"]) == ("cancelled", 4)
+    assert sorted(image["index"] for image in job["images"]) == [0, 1, 2, 3]
+    assert len(list((Path(store.root) / job_of_eight).iterdir())) == 4
+
+
 def test_a_job_applies_its_adapters_as_they_were_when_it_was_submitted(
     jobs_client: TestClient,
     jobs_settings: ServiceSettings,

@@ -225,15 +225,19 @@ class JobRunner:
             remaining = [job for job in plan if job.index not in stored]
         destination = Destination(record.job_id, record.attempt, record.base_url)
         made: list[GeneratedImage] = []
+        statuses: set[str | None] = set()
 
         async def record_image(image: GeneratedImage) -> None:
-            await self.store.add_image(record.job_id, image)
+            statuses.add(await self.store.add_image(record.job_id, image))
             made.append(image)
 
         if remaining:
             images = self.service.make_images(remaining, request, destination, inputs, record_image)
             async for _ in images:
-                pass  # record_image has recorded each one as it was stored
+                # A batch's images are all recorded before the first is yielded: stopping here
+                # keeps every image stored, and stops the next batch long before the next tick.
+                if "cancelled" in statuses:
+                    raise _Stopped("cancelled")
         if request.top_k is not None:
             best = made or list(stored.values())
             return sorted(best, key=lambda image: (-(image.score or 0.0), image.index))

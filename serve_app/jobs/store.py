@@ -387,10 +387,15 @@ class JobStore:
             int(index): GeneratedImage.model_validate_json(image) for index, image in stored.items()
         }
 
-    async def add_image(self, job_id: str, image: GeneratedImage) -> None:
-        """Record a stored image."""
-        async with self._reachable():
-            await self._redis.hset(self._keys(job_id)[2], str(image.index), image.model_dump_json())
+    async def add_image(self, job_id: str, image: GeneratedImage) -> str | None:
+        """Record a stored image; the job's status (None: the job is gone), in the same round
+        trip, so that a runner sees a cancellation at the image instead of at its next tick."""
+        keys = self._keys(job_id)
+        async with self._reachable(), self._redis.pipeline(transaction=False) as pipe:
+            pipe.hset(keys[2], str(image.index), image.model_dump_json())
+            pipe.hget(keys[0], "status")
+            _, status = await pipe.execute()
+        return cast(str | None, status)
 
     async def finish(
         self,
