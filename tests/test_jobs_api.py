@@ -286,6 +286,16 @@ def test_a_cancelled_queued_job_never_runs(
     assert (job["status"], job["started_at"]) == ("cancelled", None)
 
 
+def cancelling(client: TestClient, job_id: str, *, after: int) -> Callable[[int], None]:
+    """An ``after_batch`` that cancels the job once ``after`` of its images have been made."""
+
+    def cancel(made: int) -> None:
+        if made == after:
+            assert client.delete(f"/jobs/{job_id}").status_code == 200
+
+    return cancel
+
+
 class EndsCounted(NoTelemetry):
     """Telemetry that keeps the jobs' ends it is told of."""
 
@@ -303,17 +313,13 @@ def test_a_job_cancelled_as_its_last_images_are_stored_ends_cancelled_counted_on
     store: LocalImageStore,
     job_of_eight: str,
 ) -> None:
-    def cancel_after_the_last_batch(made: int) -> None:
-        if made == 8:
-            assert jobs_client.delete(f"/jobs/{job_of_eight}").status_code == 200
-
     telemetry = EndsCounted()
     runner = make_runner(
         jobs_settings,
         make_service,
         store,
         [],
-        after_batch=cancel_after_the_last_batch,
+        after_batch=cancelling(jobs_client, job_of_eight, after=8),
         telemetry=telemetry,
     )
     assert asyncio.run(runner.run(job_of_eight)) == "done"
@@ -333,12 +339,12 @@ def test_a_job_cancelled_mid_run_stops_after_the_batch_it_was_storing(
     # batch of four 64-pixel images takes, so only the check at each stored image can stop it.
     slow_tick = jobs_settings.model_copy(update={"jobs_lease_s": 60.0})
 
-    def cancel_after_the_first_batch(made: int) -> None:
-        if made == 4:
-            assert jobs_client.delete(f"/jobs/{job_of_eight}").status_code == 200
-
     runner = make_runner(
-        slow_tick, make_service, store, [], after_batch=cancel_after_the_first_batch
+        slow_tick,
+        make_service,
+        store,
+        [],
+        after_batch=cancelling(jobs_client, job_of_eight, after=4),
     )
     assert asyncio.run(runner.run(job_of_eight)) == "done"
     job = jobs_client.get(f"/jobs/{job_of_eight}").json()

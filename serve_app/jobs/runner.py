@@ -225,10 +225,11 @@ class JobRunner:
             remaining = [job for job in plan if job.index not in stored]
         destination = Destination(record.job_id, record.attempt, record.base_url)
         made: list[GeneratedImage] = []
-        statuses: set[str | None] = set()
+        cancelled = False
 
         async def record_image(image: GeneratedImage) -> None:
-            statuses.add(await self.store.add_image(record.job_id, image))
+            nonlocal cancelled
+            cancelled |= await self.store.add_image(record.job_id, image) == "cancelled"
             made.append(image)
 
         if remaining:
@@ -236,7 +237,7 @@ class JobRunner:
             async for _ in images:
                 # A batch's images are all recorded before the first is yielded: stopping here
                 # keeps every image stored, and stops the next batch long before the next tick.
-                if "cancelled" in statuses:
+                if cancelled:
                     raise _Stopped("cancelled")
         if request.top_k is not None:
             best = made or list(stored.values())
