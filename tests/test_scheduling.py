@@ -221,3 +221,29 @@ def test_a_failed_batch_fails_only_the_calls_in_it(
         assert await fine == [[0]]
 
     asyncio.run(scenario())
+
+
+def test_the_worker_gives_memory_back_once_idle_not_between_batches(
+    recording: RecordingGenerator,
+) -> None:
+    idle = threading.Event()
+    batches_made_when_idle: list[int] = []
+
+    def when_idle() -> None:
+        batches_made_when_idle.append(len(recording.sampled))
+        idle.set()
+
+    scheduler = RenderScheduler(recording, max_batch_size=2, across_calls=True, when_idle=when_idle)
+
+    async def burst(*calls: list[SamplingJob]) -> None:
+        idle.clear()
+        await asyncio.gather(*(collect(scheduler, jobs) for jobs in calls))
+        await until(idle)
+
+    async def scenario() -> None:
+        # Two calls that can't share batches: three batches, one idle moment after the last.
+        await burst([job(i) for i in range(4)], [job(0, prompt="other", steps=1)])
+        await burst([job(0)])
+
+    asyncio.run(scenario())
+    assert batches_made_when_idle == [3, 4]

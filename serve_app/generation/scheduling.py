@@ -5,7 +5,8 @@ One loop makes their batches: each call leads a batch in turn, so a call that ar
 another is running sees its first images after about one batch instead of after the whole other
 call, and every batch is topped up with jobs of the other calls that can share its pipeline call
 (prompts and seeds may differ; sampler, steps, guidance and size may not). Encoding a batch runs
-beside the sampling of the next one.
+beside the sampling of the next one. Once nothing is left in flight, the memory the batches freed
+goes back to the host (serve_app/generation/host_memory.py).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from serve_app.generation.adapter_library import AdapterRefused
+from serve_app.generation.host_memory import release_free_memory
 from serve_app.generation.pipeline import RenderCancelled, RenderedImage
 from serve_app.generation.planning import SamplingJob
 from serve_app.inputs.pixels import RenderInputs
@@ -103,8 +105,12 @@ class RenderScheduler:
         across_calls: bool,
         telemetry: Telemetry | None = None,
         worker: str = "local",
+        when_idle: Callable[[], None] = release_free_memory,
     ) -> None:
+        """``when_idle`` runs in a thread each time the last image in flight has been handed out."""
         self.generator = generator
+        self._when_idle = when_idle
+        self._idling: asyncio.Task[None] | None = None
         self._worker = worker
         self._max_batch_size = max_batch_size
         self._across_calls = across_calls
@@ -198,7 +204,15 @@ class RenderScheduler:
             self._telemetry.images_generated(batch.jobs[0].params.sampler, len(batch.members))
             delivery = asyncio.create_task(self._deliver(batch, images, seconds))
             self._deliveries.add(delivery)  # the loop keeps only weak references to tasks
-            delivery.add_done_callback(self._deliveries.discard)
+            delivery.add_done_callback(self._delivered)
+
+    def _delivered(self, delivery: asyncio.Task[None]) -> None:
+        self._deliveries.discard(delivery)
+        busy = self._running is not None or self._deliveries
+        waiting = any(call.pending for call in self._calls)
+        idling = self._idling is not None and not self._idling.done()
+        if not (busy or waiting or idling):
+            self._idling = asyncio.create_task(asyncio.to_thread(self._when_idle))
 
     async def _deliver(self, batch: _Batch, images: list[Any], seconds: float) -> None:
         """Encode a batch off the event loop while the next one samples, then hand it out, each
