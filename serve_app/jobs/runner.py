@@ -126,8 +126,8 @@ class JobRunner:
             message = f"the job's runs stopped without an end {claim.detail} times; it was given up"
             await self._fail(job_id, "", ErrorBody(type="job_failed", message=message))
             return "done"
-        record = await self.store.record(job_id)
-        assert record is not None  # claimed just now
+        record = claim.record
+        assert record is not None  # a claim comes with the job
         attempt = int(claim.detail)
         if claim.first:
             self.telemetry.job_started(time.time() - record.created_at)
@@ -216,8 +216,9 @@ class JobRunner:
         """The job's images: those earlier runs stored, and the rest, made now."""
         # Read again on every run: a job stores its request, not the fitted pixels.
         inputs = await self.service.read_inputs(request)
-        plan = await self.store.plan(record.job_id, await self.service.plan(request, inputs))
-        stored = await self.store.stored_images(record.job_id)
+        plan, stored = await self.store.plan(
+            record.job_id, await self.service.plan(request, inputs)
+        )
         if request.top_k is not None:
             # Ranked images are stored only at the end: unless all K were, rank them all again.
             remaining = plan if len(stored) < request.top_k else []

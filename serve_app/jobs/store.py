@@ -82,9 +82,12 @@ class Claim:
     """claimed: the run's number; leased: the status; final: the status; exhausted: the runs."""
     first: bool = False
     """claimed: whether this is the job's first run (it leaves the queue for the first time)."""
+    record: JobRecord | None = None
+    """claimed: the job, as it is now."""
 
 
-# KEYS: job, lease. ARGV: token, lease ms, now, max attempts.
+# KEYS: job, lease. ARGV: token, lease ms, now, max attempts. A claim returns the job's fields
+# too (flat, as HGETALL does): the runner needs them next, and a round trip less starts it sooner.
 _CLAIM = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', '', 0} end
@@ -96,7 +99,7 @@ if attempts > tonumber(ARGV[4]) then return {'exhausted', tostring(attempts - 1)
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[1], 'status', 'running')
 local first = redis.call('HSETNX', KEYS[1], 'started_at', ARGV[3])
-return {'claimed', tostring(attempts), first}
+return {'claimed', tostring(attempts), first, redis.call('HGETALL', KEYS[1])}
 """
 
 # KEYS: job, lease. ARGV: token, lease ms. The job's status, or false when another runner holds
@@ -184,6 +187,19 @@ def redacted(url: str) -> str:
 
 def _timestamp(value: str | None) -> datetime | None:
     return datetime.fromtimestamp(float(value), UTC) if value else None
+
+
+def _record_of(job_id: str, fields: dict[str, str]) -> JobRecord:
+    return JobRecord(
+        job_id=job_id,
+        status=fields["status"],
+        request=JobRequest.model_validate_json(fields["request"]),
+        base_url=fields["base_url"],
+        attempt=fields["attempt"],
+        webhook=fields.get("webhook") or None,
+        notified=bool(fields.get("notified")),
+        created_at=float(fields["created_at"]),
+    )
 
 
 class JobStore:
@@ -322,18 +338,7 @@ class JobStore:
         """What a runner needs of the job; None if there is no such job (any more)."""
         async with self._reachable():
             fields = cast(dict[str, str], await self._redis.hgetall(self._keys(job_id)[0]))
-        if not fields:
-            return None
-        return JobRecord(
-            job_id=job_id,
-            status=fields["status"],
-            request=JobRequest.model_validate_json(fields["request"]),
-            base_url=fields["base_url"],
-            attempt=fields["attempt"],
-            webhook=fields.get("webhook") or None,
-            notified=bool(fields.get("notified")),
-            created_at=float(fields["created_at"]),
-        )
+        return _record_of(job_id, fields) if fields else None
 
     async def cancel(self, job_id: str, owner: str, now: float) -> str | None:
         """Cancel a queued or running job; its status before (a final one: nothing changed), or
@@ -349,11 +354,15 @@ class JobStore:
     ) -> Claim:
         """Take the job for a run under ``token`` (see Claim)."""
         async with self._reachable():
-            outcome, detail, first = await self._claim(
+            outcome, detail, first, *fields = await self._claim(
                 keys=self._keys(job_id)[:2],
                 args=[token, round(lease_s * 1000), repr(now), max_attempts],
             )
-        return Claim(outcome, detail, bool(first))
+        if outcome != "claimed":
+            return Claim(outcome, detail)
+        flat = fields[0]
+        record = _record_of(job_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+        return Claim(outcome, detail, bool(first), record)
 
     async def renew(self, job_id: str, token: str, lease_s: float) -> str | None:
         """Extend the lease (or take it again if it lapsed unclaimed); the job's status, or None
@@ -370,22 +379,24 @@ class JobStore:
         async with self._reachable():
             await self._release(keys=self._keys(job_id)[:2], args=[token, int(handed_back)])
 
-    async def plan(self, job_id: str, planned: list[SamplingJob]) -> list[SamplingJob]:
-        """The job's plan: ``planned`` on its first run, the first run's on later ones (random
-        seeds stay what they were)."""
-        key = self._keys(job_id)[3]
-        async with self._reachable():
-            await self._redis.setnx(key, json.dumps([job.model_dump() for job in planned]))
-            stored = await self._redis.get(key)
-        return [SamplingJob.model_validate(job) for job in json.loads(stored or "[]")]
-
-    async def stored_images(self, job_id: str) -> dict[int, GeneratedImage]:
-        """The images stored by earlier runs, by index."""
-        async with self._reachable():
-            stored = await self._redis.hgetall(self._keys(job_id)[2])
-        return {
-            int(index): GeneratedImage.model_validate_json(image) for index, image in stored.items()
-        }
+    async def plan(
+        self, job_id: str, planned: list[SamplingJob]
+    ) -> tuple[list[SamplingJob], dict[int, GeneratedImage]]:
+        """The job's plan, ``planned`` on its first run and the first run's on later ones (random
+        seeds stay what they were), with the images earlier runs stored, by index."""
+        _, _, images_key, plan_key = self._keys(job_id)
+        async with self._reachable(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.setnx(plan_key, json.dumps([job.model_dump() for job in planned]))
+            pipe.get(plan_key)
+            pipe.hgetall(images_key)
+            _, plan, stored = await pipe.execute()
+        return (
+            [SamplingJob.model_validate(job) for job in json.loads(plan or "[]")],
+            {
+                int(index): GeneratedImage.model_validate_json(image)
+                for index, image in stored.items()
+            },
+        )
 
     async def add_image(self, job_id: str, image: GeneratedImage) -> str | None:
         """Record a stored image; the job's status (None: the job is gone), in the same round
