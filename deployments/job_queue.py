@@ -14,6 +14,9 @@ retries a handler's exceptions with exponential backoff. Added here through Cele
 - ``dont_autoretry_for`` Reject: a replica that stops hands its job back at once.
 - short publish retries and connect timeouts, so that a submission with Redis down gets its 503
   quickly.
+- ``ignore_result`` on every task sent: the job store keeps a job's state and result, so Celery
+  storing its own (a write and a publish per run) and subscribing to it at each submission (a
+  subscribe and an unsubscribe) would cost Redis round trips for nothing.
 """
 
 from __future__ import annotations
@@ -32,28 +35,26 @@ RUN_JOB = "flux_serve.run_job"
 DELIVER_WEBHOOK = "flux_serve.deliver_webhook"
 
 
-def _celery_config(settings: ServiceSettings) -> dict[str, Any]:
-    return {
-        "worker_prefetch_multiplier": 1,
-        "worker_hijack_root_logger": False,
-        "broker_connection_retry_on_startup": True,
-        "broker_connection_timeout": 2,
-        "task_publish_retry_policy": {
-            "max_retries": 2,
-            "interval_start": 0,
-            "interval_step": 0.5,
-            "interval_max": 1,
-        },
-        "redis_socket_connect_timeout": 2,
-        "result_expires": settings.jobs_retention_s,
-    }
+_CELERY_CONFIG: dict[str, Any] = {
+    "worker_prefetch_multiplier": 1,
+    "worker_hijack_root_logger": False,
+    "broker_connection_retry_on_startup": True,
+    "broker_connection_timeout": 2,
+    "task_publish_retry_policy": {
+        "max_retries": 2,
+        "interval_start": 0,
+        "interval_step": 0.5,
+        "interval_max": 1,
+    },
+    "redis_socket_connect_timeout": 2,
+}
 
 
 def _adapter_config(settings: ServiceSettings, task_options: dict[str, Any]) -> CeleryAdapterConfig:
     return CeleryAdapterConfig(
         broker_url=settings.redis_url,
         backend_url=settings.redis_url,
-        app_custom_config=_celery_config(settings),
+        app_custom_config=dict(_CELERY_CONFIG),
         task_custom_config=task_options,
         broker_transport_options={
             "visibility_timeout": settings.jobs_redelivery_s,
@@ -98,8 +99,10 @@ class CeleryJobQueue:
     def submit(self, job_id: str, delay_s: float = 0) -> None:
         """Queue a run of the job, at once or after ``delay_s``."""
         options = {"countdown": delay_s} if delay_s else {}
-        self._jobs.enqueue_task_sync(RUN_JOB, args=[job_id], **options)
+        self._jobs.enqueue_task_sync(RUN_JOB, args=[job_id], ignore_result=True, **options)
 
     def send_webhook(self, delivery: WebhookDelivery) -> None:
         """Queue a webhook delivery."""
-        self._webhooks.enqueue_task_sync(DELIVER_WEBHOOK, args=[delivery.model_dump()])
+        self._webhooks.enqueue_task_sync(
+            DELIVER_WEBHOOK, args=[delivery.model_dump()], ignore_result=True
+        )

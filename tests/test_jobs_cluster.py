@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from .conftest import WEBHOOK_SECRET, ServeCluster
 from .test_serve_cluster import metric_samples
@@ -51,6 +52,15 @@ def test_a_job_succeeds_with_every_image_and_a_signed_webhook(serve_cluster: Ser
     assert delivered["images"] == job["images"]
     for image in job["images"]:
         assert httpx.get(image["url"], timeout=30).status_code == 200
+    # The job store holds the job's state and result: Celery stores no result of its own for the
+    # run or the delivery (it would before it acknowledges each, when kombu drops the task's
+    # unacked entry, which names the job).
+    broker = redis.Redis.from_url(serve_cluster.redis.url, decode_responses=True)
+    deadline = time.monotonic() + 30
+    while any(job["id"] in task for task in broker.hvals("unacked")):
+        assert time.monotonic() < deadline, "the job's tasks were not acknowledged"
+        time.sleep(0.25)
+    assert not broker.keys("celery-task-meta-*")
 
 
 SMALL = {"prompt": "a red cat", "nof_images": 2, "width": 64, "height": 64}
