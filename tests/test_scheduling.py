@@ -247,3 +247,25 @@ def test_the_worker_gives_memory_back_once_idle_not_between_batches(
 
     asyncio.run(scenario())
     assert batches_made_when_idle == [3, 4]
+
+
+def test_calls_one_after_another_do_not_give_memory_back_between_them(
+    recording: RecordingGenerator,
+) -> None:
+    idle = threading.Event()
+    batches_made_when_idle: list[int] = []
+
+    def when_idle() -> None:
+        batches_made_when_idle.append(len(recording.sampled))
+        idle.set()
+
+    scheduler = RenderScheduler(recording, max_batch_size=2, across_calls=True, when_idle=when_idle)
+
+    async def scenario() -> None:
+        # As one client sends requests: each call as soon as the one before has its images.
+        for _ in range(3):
+            await collect(scheduler, [job(0), job(1)])
+        await until(idle)
+
+    asyncio.run(scenario())
+    assert batches_made_when_idle == [3]

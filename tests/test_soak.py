@@ -84,7 +84,7 @@ async def soak(url: str, seconds: float, snapshots: list[dict[int, int]]) -> lis
             await send(http, chooser.choice(MIX))
 
     async def snapshot() -> None:
-        await asyncio.sleep(1)  # the idle workers' trim runs as their last images go out
+        await asyncio.sleep(2)  # an idle worker's trim runs a second after its last images go out
         snapshots.append(memory_by_process())
 
     async with httpx.AsyncClient(timeout=300) as http:

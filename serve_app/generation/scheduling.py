@@ -30,6 +30,9 @@ from serve_app.telemetry import NoTelemetry, Telemetry
 
 logger = logging.getLogger(__name__)
 
+_IDLE_S = 1.0
+"""How long a worker must have had nothing to do before ``when_idle`` runs."""
+
 
 class BatchRenderer(Protocol):
     """What the scheduler needs of a FluxGenerator."""
@@ -107,9 +110,10 @@ class RenderScheduler:
         worker: str = "local",
         when_idle: Callable[[], None] = release_free_memory,
     ) -> None:
-        """``when_idle`` runs in a thread each time the last image in flight has been handed out."""
+        """``when_idle`` runs in a thread once the worker has had nothing in flight for a second."""
         self.generator = generator
         self._when_idle = when_idle
+        self._idle_timer: asyncio.TimerHandle | None = None
         self._idling: asyncio.Task[None] | None = None
         self._worker = worker
         self._max_batch_size = max_batch_size
@@ -208,10 +212,20 @@ class RenderScheduler:
 
     def _delivered(self, delivery: asyncio.Task[None]) -> None:
         self._deliveries.discard(delivery)
-        busy = self._running is not None or self._deliveries
-        waiting = any(call.pending for call in self._calls)
-        idling = self._idling is not None and not self._idling.done()
-        if not (busy or waiting or idling):
+        if self._idle():
+            # Only once the worker stays idle: a client sending one request after another leaves
+            # it idle for a moment between them, and its next batch would fault the pages in again.
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            self._idle_timer = asyncio.get_running_loop().call_later(_IDLE_S, self._still_idle)
+
+    def _idle(self) -> bool:
+        """Nothing sampling, encoding or waiting for a batch."""
+        running = self._running is not None or self._deliveries
+        return not running and not any(call.pending for call in self._calls)
+
+    def _still_idle(self) -> None:
+        if self._idle() and (self._idling is None or self._idling.done()):
             self._idling = asyncio.create_task(asyncio.to_thread(self._when_idle))
 
     async def _deliver(self, batch: _Batch, images: list[Any], seconds: float) -> None:
