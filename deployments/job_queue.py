@@ -54,7 +54,7 @@ def _adapter_config(settings: ServiceSettings, task_options: dict[str, Any]) -> 
     return CeleryAdapterConfig(
         broker_url=settings.redis_url,
         backend_url=settings.redis_url,
-        app_custom_config=dict(_CELERY_CONFIG),
+        app_custom_config=_CELERY_CONFIG,
         task_custom_config=task_options,
         broker_transport_options={
             "visibility_timeout": settings.jobs_redelivery_s,

@@ -354,13 +354,14 @@ class JobStore:
     ) -> Claim:
         """Take the job for a run under ``token`` (see Claim)."""
         async with self._reachable():
-            outcome, detail, first, *fields = await self._claim(
+            reply = await self._claim(
                 keys=self._keys(job_id)[:2],
                 args=[token, round(lease_s * 1000), repr(now), max_attempts],
             )
+        outcome, detail, first = reply[:3]
         if outcome != "claimed":
             return Claim(outcome, detail)
-        flat = fields[0]
+        flat = reply[3]
         record = _record_of(job_id, dict(zip(flat[::2], flat[1::2], strict=True)))
         return Claim(outcome, detail, bool(first), record)
 
