@@ -223,22 +223,32 @@ def test_a_failed_batch_fails_only_the_calls_in_it(
     asyncio.run(scenario())
 
 
+class IdleRecorder:
+    """A scheduler's ``when_idle``: how many batches had been made each time it ran."""
+
+    def __init__(self, recording: RecordingGenerator) -> None:
+        self.recording = recording
+        self.batches_made: list[int] = []
+        self.ran = threading.Event()
+
+    def __call__(self) -> None:
+        self.batches_made.append(len(self.recording.sampled))
+        self.ran.set()
+
+    def scheduler(self) -> RenderScheduler:
+        return RenderScheduler(self.recording, max_batch_size=2, across_calls=True, when_idle=self)
+
+
 def test_the_worker_gives_memory_back_once_idle_not_between_batches(
     recording: RecordingGenerator,
 ) -> None:
-    idle = threading.Event()
-    batches_made_when_idle: list[int] = []
-
-    def when_idle() -> None:
-        batches_made_when_idle.append(len(recording.sampled))
-        idle.set()
-
-    scheduler = RenderScheduler(recording, max_batch_size=2, across_calls=True, when_idle=when_idle)
+    idle = IdleRecorder(recording)
+    scheduler = idle.scheduler()
 
     async def burst(*calls: list[SamplingJob]) -> None:
-        idle.clear()
+        idle.ran.clear()
         await asyncio.gather(*(collect(scheduler, jobs) for jobs in calls))
-        await until(idle)
+        await until(idle.ran)
 
     async def scenario() -> None:
         # Two calls that can't share batches: three batches, one idle moment after the last.
@@ -246,26 +256,20 @@ def test_the_worker_gives_memory_back_once_idle_not_between_batches(
         await burst([job(0)])
 
     asyncio.run(scenario())
-    assert batches_made_when_idle == [3, 4]
+    assert idle.batches_made == [3, 4]
 
 
 def test_calls_one_after_another_do_not_give_memory_back_between_them(
     recording: RecordingGenerator,
 ) -> None:
-    idle = threading.Event()
-    batches_made_when_idle: list[int] = []
-
-    def when_idle() -> None:
-        batches_made_when_idle.append(len(recording.sampled))
-        idle.set()
-
-    scheduler = RenderScheduler(recording, max_batch_size=2, across_calls=True, when_idle=when_idle)
+    idle = IdleRecorder(recording)
+    scheduler = idle.scheduler()
 
     async def scenario() -> None:
         # As one client sends requests: each call as soon as the one before has its images.
         for _ in range(3):
             await collect(scheduler, [job(0), job(1)])
-        await until(idle)
+        await until(idle.ran)
 
     asyncio.run(scenario())
-    assert batches_made_when_idle == [3]
+    assert idle.batches_made == [3]
