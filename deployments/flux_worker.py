@@ -22,7 +22,7 @@ from serve_app.settings import get_settings
 # Defaults for one CPU machine; config/serve.yaml and the RayService manifest set the real values.
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.5, "num_gpus": 0},
-    max_ongoing_requests=4,
+    max_ongoing_requests=8,
     request_router_config={
         "request_router_class": "deployments.routing:RenderCallRouter",
         # How often each replica tells the routers which adapters it holds (record_routing_stats).

@@ -146,20 +146,21 @@ def test_one_image_requests_beside_a_huge_one_are_not_starved(burst_url: str) ->
     huge = {"prompt": "a huge request", "nof_images": 64, "gpus": 2, "stream": True}
     small = {"prompt": "a small request", "nof_images": 1}
     started = asyncio.Event()
+    arrivals: list[float] = []
 
-    async def huge_request(http: httpx.AsyncClient) -> tuple[int, float]:
-        images = 0
+    async def huge_request(http: httpx.AsyncClient) -> list[float]:
+        """When each of its images arrived."""
         async with http.stream("POST", f"{burst_url}/generate", json=huge) as response:
             assert response.status_code == 200
             async for event in aread_events(response.aiter_lines()):
                 if event.event == "image":
-                    images += 1
+                    arrivals.append(time.monotonic())
                     started.set()
                 else:
                     assert event.event == "result", event.data
-        return images, time.monotonic()
+        return arrivals
 
-    async def scenario() -> tuple[tuple[int, float], list[Outcome]]:
+    async def scenario() -> tuple[list[float], list[Outcome]]:
         async with client() as http:
             warm = await send(http, burst_url, WARM_UP)  # as above, should it run alone
             assert warm.status == 200, warm.body
@@ -172,9 +173,15 @@ def test_one_image_requests_beside_a_huge_one_are_not_starved(burst_url: str) ->
             smalls = await asyncio.gather(*(send(http, burst_url, small) for _ in range(20)))
             return await running, smalls
 
-    (images, huge_finished), smalls = asyncio.run(scenario())
-    print(f"\nbeside a 64-image request: 20 one-image requests: {summary(smalls)}")
-    assert images == 64
+    huge_arrivals, smalls = asyncio.run(scenario())
+    last_small = max(o.finished for o in smalls)
+    huge_before = sum(1 for arrived in huge_arrivals if arrived <= last_small)
+    print(
+        f"\nbeside a 64-image request: 20 one-image requests: {summary(smalls)}; "
+        f"the large one had made {huge_before} of its images when the last ended"
+    )
+    assert len(huge_arrivals) == 64
     assert [o.status for o in smalls] == [200] * 20, summary(smalls)
-    # They took turns with the huge request's batches (and rode in them) rather than waiting.
-    assert max(o.finished for o in smalls) < huge_finished
+    # They took turns with the huge request's batches (and rode in them) rather than waiting for
+    # it: measured by its progress, not its end, which a slow moment of the machine can move.
+    assert huge_before <= 48, f"the last one-image request ended after {huge_before} of 64"
