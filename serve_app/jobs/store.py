@@ -8,6 +8,7 @@ keeps what Celery does not: the job object that GET /jobs/{id} answers.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -24,6 +25,8 @@ from serve_app.jobs.schemas import Job, JobProgress, JobRequest
 from serve_app.schemas import ErrorBody, GeneratedImage, GenerateResponse
 
 _PREFIX = "flux-serve:job:"
+# The longest one store call may take: beyond it Redis counts as unreachable.
+_CALL_TIMEOUT_S = 5
 _IDEMPOTENCY_PREFIX = "flux-serve:idempotency:"
 
 
@@ -209,12 +212,16 @@ class JobStore:
         self.url = url
         self._retention_s = retention_s
         self._idempotency_ttl_s = idempotency_ttl_s
-        # Short timeouts: with Redis down, a submission must get its 503 quickly.
+        # Short timeouts: with Redis down, a submission must get its 503 quickly. No
+        # socket_timeout (redis-py's default is 5 s): with one, redis-py sends each command under
+        # asyncio.wait_for, which on Python 3.11 loses a cancellation that lands as the send
+        # completes (a job's lease renewal then outlived its job, renewing it for ever).
+        # _reachable bounds each call instead.
         self._redis = redis.Redis.from_url(
             url,
             decode_responses=True,
             socket_connect_timeout=2,
-            socket_timeout=5,
+            socket_timeout=None,
             health_check_interval=10,
         )
         self._claim = self._redis.register_script(_CLAIM)
@@ -227,10 +234,12 @@ class JobStore:
     @contextlib.asynccontextmanager
     async def _reachable(self) -> AsyncIterator[None]:
         try:
-            yield
-        except (RedisError, OSError) as error:
+            async with asyncio.timeout(_CALL_TIMEOUT_S):
+                yield
+        except (RedisError, OSError) as error:  # OSError: the timeout's TimeoutError too
+            reason = str(error) or f"no answer within {_CALL_TIMEOUT_S} s"
             raise JobStoreUnavailable(
-                f"the job broker (Redis at {redacted(self.url)}) can't be reached: {error}"
+                f"the job broker (Redis at {redacted(self.url)}) can't be reached: {reason}"
             ) from error
 
     @staticmethod
