@@ -27,7 +27,7 @@ import httpx
 
 from bench.cluster import ServiceSetup, private_redis, running_service
 from bench.service_timing import ServiceError, load_round
-from bench.stats import median
+from bench.stats import median, percentile
 from bench.workload import Workload
 from serve_app.models.tiny import TINY_CLIP_NAME, TINY_FLUX_NAME, ensure_tiny_model
 from serve_app.settings import get_settings
@@ -95,6 +95,8 @@ class JobsFigures:
     ratio: float
     """Jobs' images/s over /generate's at the same load: the median of the pairs of rounds."""
     pairs: int
+    ratio_quartiles: tuple[float, float]
+    """The pairs' ratios at the first and third quartiles: how much one pair says."""
     first_image_s: float
     cold_first_image_s: float | None
 
@@ -102,6 +104,7 @@ class JobsFigures:
 def to_text(figures: JobsFigures) -> str:
     """The table and the ratio, with the target."""
     verdict = "met" if figures.ratio >= 0.95 else "not met"
+    low, high = figures.ratio_quartiles
     cold = (
         f"{figures.cold_first_image_s:.2f} s"
         if figures.cold_first_image_s is not None
@@ -113,7 +116,7 @@ def to_text(figures: JobsFigures) -> str:
             f"  /generate (streamed)      {figures.generate_images_per_s:8.2f}",
             f"  /jobs                     {figures.jobs_images_per_s:8.2f}",
             f"jobs / generate (median of the pairs of rounds): {figures.ratio:.3f} "
-            f"(target >= 0.95: {verdict})",
+            f"(target >= 0.95: {verdict}; quartiles of the pairs {low:.3f} to {high:.3f})",
             f"job submission to first image (median, polled every {_FIRST_IMAGE_POLL_S} s): "
             f"{figures.first_image_s:.2f} s",
             f"scale from zero, job submission to first image: {cold}",
@@ -175,6 +178,7 @@ def figures_of(jobs: int, rounds: Rounds, cold_first_image_s: float | None) -> J
         jobs_images_per_s=median(rounds.job_rates),
         ratio=median(ratios),
         pairs=len(ratios),
+        ratio_quartiles=(percentile(ratios, 0.25), percentile(ratios, 0.75)),
         first_image_s=median(rounds.first_images),
         cold_first_image_s=cold_first_image_s,
     )
@@ -193,10 +197,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print its table."""
     parser = argparse.ArgumentParser(prog="python -m bench.jobs", description=__doc__)
     parser.add_argument("--jobs", type=int, default=4, help="jobs (and requests) at once")
-    parser.add_argument("--images", type=int, default=8, help="images per job")
-    parser.add_argument("--size", type=int, default=128, help="image width and height")
+    # The service's own default request: 16 images (the API's default) at 256x256 (the embedded
+    # default's size). Rounds of about a second (--images 8 --size 128) put each job's fixed
+    # start, some 50 ms here, at 5 % of the round.
+    parser.add_argument("--images", type=int, default=16, help="images per job")
+    parser.add_argument("--size", type=int, default=256, help="image width and height")
     parser.add_argument(
-        "--pairs", type=int, default=7, help="timed pairs of rounds (/generate and /jobs)"
+        "--pairs", type=int, default=15, help="timed pairs of rounds (/generate and /jobs)"
     )
     parser.add_argument("--no-cold-start", action="store_true", help="skip the scale from zero")
     args = parser.parse_args(argv)

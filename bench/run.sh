@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the throughput benchmark: bench/run.sh --preset small [--markdown PATH] [...]
 # or the LoRA one: bench/run.sh loras --preset small [...]
-# or the jobs one: bench/run.sh jobs [--jobs 4] [--images 8] [...]
+# or the jobs one: bench/run.sh jobs [--jobs 4] [--images 16] [...]
 #
 # As root it runs inside a private network namespace that has only loopback, so that the Ray
 # instance the benchmark starts keeps all its traffic on 127.0.0.1 (Ray otherwise picks a
