@@ -39,6 +39,8 @@ _TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 _THROUGHPUT_POLL_S = 1.0
 _FIRST_IMAGE_POLL_S = 0.25
 _FIRST_IMAGE_ROUNDS = 2
+# A job that has not ended by then never will: the run fails instead of waiting for ever.
+_JOB_DEADLINE_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ async def timed_job(client: httpx.AsyncClient, body: dict[str, Any], poll_s: flo
             break
         if job["status"] in {"failed", "cancelled"}:
             raise ServiceError(f"job {job_id} {job['status']}: {job['error']}")
+        if time.time() - started > _JOB_DEADLINE_S:
+            raise ServiceError(f"job {job_id} still {job['status']} after {_JOB_DEADLINE_S} s")
         await asyncio.sleep(poll_s)
     assert first_image_s is not None
     finished_at = datetime.fromisoformat(job["finished_at"]).timestamp()

@@ -411,6 +411,23 @@ def test_timed_job_fails_loudly_on_a_failed_job() -> None:
         asyncio.run(run())
 
 
+def test_timed_job_gives_up_on_a_job_that_never_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jobs_bench, "_JOB_DEADLINE_S", 0.05)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(202, json={"id": "j1"})
+        return httpx.Response(200, json={"status": "running", "progress": {"done": 4}})
+
+    async def run() -> None:
+        transport = httpx.MockTransport(answer)
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+            await jobs_bench.timed_job(client, WORKLOAD.request_body(stream=False), 0.01)
+
+    with pytest.raises(ServiceError, match="still running after"):
+        asyncio.run(run())
+
+
 def test_serve_config_of_the_jobs_bench_points_at_its_redis_and_can_start_at_zero(
     tmp_path: Path,
 ) -> None:
