@@ -1,4 +1,5 @@
-"""The job store against a real Redis: a store call that is cancelled ends its task.
+"""The job store's calls: cancelled, they end their task (against a real Redis); unanswered,
+they fail as the broker being unreachable.
 
 The job runner stops a job's lease renewal by cancelling it once the job's images are made; a
 cancellation that a Redis call swallowed left the renewal running and the job "running" forever.
@@ -7,8 +8,12 @@ cancellation that a Redis call swallowed left the renewal running and the job "r
 from __future__ import annotations
 
 import asyncio
+import socket
 
-from serve_app.jobs.store import JobStore
+import pytest
+
+from serve_app.jobs import store as store_module
+from serve_app.jobs.store import JobStore, JobStoreUnavailable
 
 from .redis_server import RedisServer
 
@@ -42,3 +47,22 @@ def test_a_store_call_cancelled_at_any_moment_ends_its_task(redis_server: RedisS
 
     lost = asyncio.run(scenario())
     assert lost == [], f"{len(lost)} of 200 cancelled renewals went on running"
+
+
+def test_a_store_call_that_gets_no_answer_is_the_broker_unreachable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(store_module, "_CALL_TIMEOUT_S", 0.3)
+    # A server that takes the connection and never answers, as a hung Redis does.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+
+        async def renew() -> None:
+            store = JobStore(f"redis://127.0.0.1:{port}/0", retention_s=60, idempotency_ttl_s=60)
+            try:
+                await store.renew(JOB_ID, "token", 15)
+            finally:
+                await store.close()
+
+        with pytest.raises(JobStoreUnavailable, match=r"can't be reached: no answer within 0\.3 s"):
+            asyncio.run(asyncio.wait_for(renew(), timeout=10))
