@@ -20,9 +20,13 @@ from .redis_server import RedisServer
 JOB_ID = "0" * 32
 
 
+def store_at(url: str) -> JobStore:
+    return JobStore(url, retention_s=60, idempotency_ttl_s=60)
+
+
 def test_a_store_call_cancelled_at_any_moment_ends_its_task(redis_server: RedisServer) -> None:
     async def scenario() -> list[int]:
-        store = JobStore(redis_server.database(3), retention_s=60, idempotency_ttl_s=60)
+        store = store_at(redis_server.database(3))
         stop = asyncio.Event()  # ends the renewals whose cancellation was lost
 
         async def renewing() -> None:
@@ -58,7 +62,7 @@ def test_a_store_call_that_gets_no_answer_is_the_broker_unreachable(
         port = silent.getsockname()[1]
 
         async def renew() -> None:
-            store = JobStore(f"redis://127.0.0.1:{port}/0", retention_s=60, idempotency_ttl_s=60)
+            store = store_at(f"redis://127.0.0.1:{port}/0")
             try:
                 await store.renew(JOB_ID, "token", 15)
             finally:
