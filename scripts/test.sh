@@ -11,6 +11,10 @@ scripts/system-deps.sh
 .venv/bin/mypy
 
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
+# The wheels a GPU host with only PyTorch needs for bench/gpu.sh (tests/test_gpu_sh.py installs
+# them): gathered here, where the package index answers; again, only what changed downloads.
+.venv/bin/python -m bench.wheelhouse var/test-wheelhouse >/dev/null
+export FLUX_SERVE_TEST_WHEELHOUSE=$PWD/var/test-wheelhouse
 pytest=(.venv/bin/python -m pytest "$@")
 # Ray binds a non-loopback node address; a private network namespace with only loopback keeps
 # every test's traffic on 127.0.0.1. It needs root and iproute2; elsewhere the tests run as they are.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -574,29 +573,6 @@ def test_gpu_run_rewrites_its_report_after_every_measurement(tmp_path: Path) -> 
     assert "| 2 | compile | 0.900 s | 1.600 | 2.00 | 60.0 s | 0.250 |" in text
     assert "| 4 | 3 requests of 16 images | 1.550 | 0.969 | 10.30 s | 1.20 s |" in text
     assert [path.name for path in report.parent.iterdir()] == ["gpu.md"]  # no partial file left
-
-
-def test_gpu_sh_runs_every_step_on_the_reduced_full_preset_on_a_cpu(tmp_path: Path) -> None:
-    """bench/gpu.sh as a GPU machine runs it, reduced: FLUX.1-schnell's widths at reduced depth,
-    64x64, one step, one image per figure, no compiling (tests/test_speedups.py compiles)."""
-    report = tmp_path / "gpu.md"
-    command = [
-        str(Path(__file__).resolve().parents[1] / "bench" / "gpu.sh"),
-        *("--size", "64", "--steps", "1", "--batch-size", "1", "--images", "1"),
-        *("--requests", "1", "--repeats", "1", "--compile-mode", "off", "--out", str(report)),
-    ]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    text = report.read_text()
-    assert "preset full (reduced)" in text
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
-    assert "as built, float32" in rows["1"]
-    assert "fused QKV, channels-last VAE" in rows["2"]
-    assert "step 2 + int8_weight_only" in rows["3"]
-    assert "1 requests of 1 images" in rows["4"]
-    assert "step 3 with int8_weight_only: fp8 needs a GPU" in text
-    assert "skipped" not in text
-    assert "ended after" in text
 
 
 def test_private_redis_answers_inside_the_block_and_is_gone_after_it() -> None:
