@@ -27,6 +27,7 @@ import tomllib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import NormalizedName, canonicalize_name, parse_wheel_filename
 from packaging.version import Version
@@ -60,28 +61,27 @@ def closure(roots: Iterable[Requirement]) -> set[NormalizedName]:
     """The installed distributions that ``roots`` need here, their needs included (extras
     followed; requirements whose markers don't hold on this Python left out)."""
     found: set[NormalizedName] = set()
-    pending = list(roots)
+    followed: set[tuple[NormalizedName, frozenset[str]]] = set()
+    pending = [root for root in roots if _holds(root.marker, set())]
     while pending:
         requirement = pending.pop()
-        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
-            continue
         name = canonicalize_name(requirement.name)
-        if name in found:
+        # A distribution reached again with other extras needs theirs too.
+        if (name, frozenset(requirement.extras)) in followed:
             continue
+        followed.add((name, frozenset(requirement.extras)))
         found.add(name)
         for text in metadata.distribution(name).requires or []:
             needed = Requirement(text)
-            marker = needed.marker
-            wanted_by_extra = marker is not None and any(
-                marker.evaluate({"extra": extra}) for extra in requirement.extras
-            )
-            if marker is None or wanted_by_extra or marker.evaluate({"extra": ""}):
-                pending.append(Requirement(f"{needed.name}{_extras(needed)}"))
+            if _holds(needed.marker, requirement.extras):
+                pending.append(needed)
     return found
 
 
-def _extras(requirement: Requirement) -> str:
-    return f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""
+def _holds(marker: Marker | None, extras: set[str]) -> bool:
+    """Whether a requirement under ``marker`` applies here, to a dependent that asked for
+    ``extras``."""
+    return marker is None or any(marker.evaluate({"extra": extra}) for extra in ("", *extras))
 
 
 def gpu_run_distributions() -> set[NormalizedName]:
@@ -117,7 +117,8 @@ def download_command(
 
 def remove_unwanted(folder: Path, wanted: Sequence[str]) -> list[Path]:
     """Delete the wheels in ``folder`` that are not of the ``wanted`` pins; the ones deleted."""
-    keep = {(canonicalize_name(name), Version(version)) for name, version in map(_split, wanted)}
+    pinned = (pin.split("==") for pin in wanted)
+    keep = {(canonicalize_name(name), Version(version)) for name, version in pinned}
     removed = []
     for wheel in sorted(folder.glob("*.whl")):
         name, version, _, _ = parse_wheel_filename(wheel.name)
@@ -125,11 +126,6 @@ def remove_unwanted(folder: Path, wanted: Sequence[str]) -> list[Path]:
             wheel.unlink()
             removed.append(wheel)
     return removed
-
-
-def _split(pin: str) -> tuple[str, str]:
-    name, version = pin.split("==")
-    return name, version
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
