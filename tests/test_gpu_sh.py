@@ -72,6 +72,10 @@ def test_closure_follows_extras_and_skips_what_markers_rule_out() -> None:
     assert "uvicorn" in wheelhouse.closure([Requirement("ray[serve]")])
     assert "uvicorn" not in wheelhouse.closure([Requirement("ray")])
     assert not wheelhouse.closure([Requirement('ray; python_version < "3"')])
+    # Reached first without its extra (the last root is followed first), then with it.
+    plain_then_standard = [Requirement("uvicorn[standard]"), Requirement("uvicorn")]
+    assert "httptools" in wheelhouse.closure(plain_then_standard)
+    assert "httptools" not in wheelhouse.closure([Requirement("uvicorn")])
 
 
 def test_the_wheelhouse_refuses_to_leave_out_what_it_would_not_take(
